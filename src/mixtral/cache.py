@@ -1,0 +1,192 @@
+"""The KV cache: keys and values per layer, plus the bookkeeping every layer shares.
+
+Every row of a batch has seen the same number of tokens (``seen``), as in transformers' caches:
+padding is expressed through the attention mask, not through ragged lengths. Each stored slot
+carries the *index* of the token it holds (0, 1, 2, ... in the order tokens were fed, padding
+included) and, per row, whether that token is real or padding. Masks are derived from those two
+arrays, so the attention code never needs to know how slots are laid out.
+
+Two layouts, one class:
+
+* ``window is None`` -- a growing buffer. Token ``j`` lives in slot ``j``. Capacity doubles when
+  it runs out (or is preallocated with ``capacity=``), so decoding writes in place.
+* ``window = W`` -- a rolling buffer of exactly ``W`` slots for sliding-window attention. Token
+  ``j`` lives in slot ``j % W``. Worked example, W=4, after a 6-token prompt the slots hold
+  indices ``[4, 5, 2, 3]``. Decoding token 6 overwrites slot 2 (index 2 is out of the window
+  of query 6, which sees 3..6) giving ``[4, 5, 6, 3]``, and query 6 attends over all four
+  slots. A chunk of several tokens (prefill, or a prompt fed after earlier tokens) attends
+  over ``cat(slots, chunk)``, since its first query may still need keys the chunk would
+  overwrite; only afterwards are the chunk's last ``W`` tokens written into their slots.
+  Attention is order-free given the mask, so slots never need rotating.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepLayout:
+    """What one forward step attends over; the same for every layer.
+
+    key_index: (S,) token index held by each key position, -1 for an empty slot.
+    key_valid: (B, S) False where that key is padding.
+    query_index: (T,) token index of each query.
+    """
+
+    key_index: torch.Tensor
+    key_valid: torch.Tensor
+    query_index: torch.Tensor
+    all_valid: bool  # no padding and no empty slot anywhere: masks reduce to causal/window alone
+
+
+class KVCache:
+    """Keys and values for all layers of one batch. Shapes: k[layer] is (B, n_kv, capacity, hd)."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        window: int | None = None,
+        capacity: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.num_layers = num_layers
+        self.batch_size = batch_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.window = window
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.seen = 0  # tokens fed so far (per row, padding included)
+        # Real (non-padding) tokens fed so far per row: the next position id of each row.
+        self.row_positions = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        size = window if window is not None else capacity
+        self._alloc(size)
+        self._layout: StepLayout | None = None
+        self._chunk = 0
+
+    @classmethod
+    def for_model(cls, config, batch_size: int, *, capacity: int = 0, dtype=None, device=None) -> KVCache:
+        return cls(
+            config.num_hidden_layers,
+            batch_size,
+            config.num_key_value_heads,
+            config.dim_per_head,
+            window=config.sliding_window,
+            capacity=capacity,
+            dtype=dtype or torch.float32,
+            device=device or "cpu",
+        )
+
+    def _alloc(self, size: int) -> None:
+        shape = (self.batch_size, self.num_kv_heads, size, self.head_dim)
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        self.slot_index = torch.full((size,), -1, dtype=torch.long, device=self.device)
+        self.slot_valid = torch.zeros(self.batch_size, size, dtype=torch.bool, device=self.device)
+        self._has_padding = False
+
+    @property
+    def capacity(self) -> int:
+        return self.slot_index.shape[0]
+
+    def get_seq_length(self) -> int:
+        """Tokens seen so far (transformers' name)."""
+        return self.seen
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def _grow(self, needed: int) -> None:
+        new = max(needed, 2 * self.capacity, 16)
+        old_k, old_v, old_index, old_valid, n = self.k, self.v, self.slot_index, self.slot_valid, self.capacity
+        had_padding = self._has_padding
+        self._alloc(new)
+        for i in range(self.num_layers):
+            self.k[i][:, :, :n] = old_k[i]
+            self.v[i][:, :, :n] = old_v[i]
+        self.slot_index[:n] = old_index
+        self.slot_valid[:, :n] = old_valid
+        self._has_padding = had_padding
+
+    # -- per step ---------------------------------------------------------------------------------
+    def begin(self, new_valid: torch.Tensor | None, num_new: int) -> StepLayout:
+        """Prepare storage for ``num_new`` tokens; ``new_valid`` is (B, T) bool or None (no padding)."""
+        T, n = num_new, self.seen
+        query_index = torch.arange(n, n + T, device=self.device)
+        if new_valid is None:
+            new_valid = torch.ones(self.batch_size, T, dtype=torch.bool, device=self.device)
+        else:
+            self._has_padding = self._has_padding or not bool(new_valid.all())
+        if self.window is None:
+            if n + T > self.capacity:
+                self._grow(n + T)
+            self.slot_index[n : n + T] = query_index
+            self.slot_valid[:, n : n + T] = new_valid
+            key_index, key_valid = self.slot_index[: n + T], self.slot_valid[:, : n + T]
+            all_valid = not self._has_padding
+        elif T == 1:
+            slot = n % self.window
+            self.slot_index[slot] = n
+            self.slot_valid[:, slot] = new_valid[:, 0]
+            key_index, key_valid = self.slot_index, self.slot_valid
+            all_valid = not self._has_padding and n + 1 >= self.window
+        else:
+            key_index = torch.cat([self.slot_index, query_index])
+            key_valid = torch.cat([self.slot_valid, new_valid], dim=1)
+            all_valid = False  # empty slots are masked through key_index
+        self._layout = StepLayout(key_index, key_valid, query_index, all_valid)
+        self._chunk = T
+        self._new_valid = new_valid
+        return self._layout
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's keys/values (B, n_kv, T, hd) and return what the layer attends over."""
+        T, n = self._chunk, self.seen
+        if self.window is None:
+            self.k[layer][:, :, n : n + T] = k
+            self.v[layer][:, :, n : n + T] = v
+            return self.k[layer][:, :, : n + T], self.v[layer][:, :, : n + T]
+        if T == 1:
+            slot = n % self.window
+            self.k[layer][:, :, slot : slot + 1] = k
+            self.v[layer][:, :, slot : slot + 1] = v
+            return self.k[layer], self.v[layer]
+        keys = torch.cat([self.k[layer], k], dim=2)
+        values = torch.cat([self.v[layer], v], dim=2)
+        # Keep the chunk's last `window` tokens, each in slot index % window.
+        keep = min(T, self.window)
+        slots = torch.arange(n + T - keep, n + T, device=self.device) % self.window
+        self.k[layer][:, :, slots] = k[:, :, T - keep :]
+        self.v[layer][:, :, slots] = v[:, :, T - keep :]
+        return keys, values
+
+    def end(self) -> None:
+        T, n = self._chunk, self.seen
+        if self.window is not None and T > 1:
+            keep = min(T, self.window)
+            slots = torch.arange(n + T - keep, n + T, device=self.device) % self.window
+            self.slot_index[slots] = torch.arange(n + T - keep, n + T, device=self.device)
+            self.slot_valid[:, slots] = self._new_valid[:, T - keep :]
+        self.row_positions += self._new_valid.sum(dim=1)
+        self.seen = n + T
+        self._layout = None
+
+    # -- batch surgery (used by generation and the server) ------------------------------------------
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (a LongTensor of row ids), in that order."""
+        self.k = [t[rows] for t in self.k]
+        self.v = [t[rows] for t in self.v]
+        self.slot_valid = self.slot_valid[rows]
+        self.row_positions = self.row_positions[rows]
+        self.batch_size = int(rows.numel())
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)

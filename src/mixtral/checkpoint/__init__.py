@@ -1,0 +1,126 @@
+"""Checkpoint formats. Each format is a reader (config + tensor source) and a renaming table.
+
+``load_pretrained`` looks at what ``path`` is and dispatches:
+
+* a ``.gguf`` file                              -> ``mixtral.checkpoint.gguf``
+* a directory with ``params.json`` (raw Mistral) -> ``mixtral.checkpoint.mistral``
+* a directory with ``config.json`` (HF)          -> ``mixtral.checkpoint.hf``
+* anything else that looks like ``org/name``    -> fetched from the hub with huggingface_hub
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .loading import CheckpointError, materialize, parse_dtype
+
+__all__ = ["CheckpointError", "load_pretrained", "resolve_path", "read_checkpoint"]
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A local path as is; otherwise a hub repo id, downloaded when huggingface_hub and the network allow."""
+    p = Path(path).expanduser()
+    if p.exists():
+        return p
+    text = str(path)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError as e:
+            raise CheckpointError(f"{text}: not a local path, and huggingface_hub is not installed") from e
+        try:
+            return Path(snapshot_download(
+                text, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+            ))
+        except Exception as e:
+            raise CheckpointError(f"{text}: not a local path, and fetching it from the hub failed: {e}") from e
+    raise CheckpointError(f"{text}: no such file or directory")
+
+
+def read_checkpoint(path: Path):
+    """(config, tensor source, rules) for any supported checkpoint at ``path``."""
+    from ..config import MixtralConfig
+
+    if path.is_file() and path.suffix == ".gguf":
+        from .gguf import read_gguf
+
+        return read_gguf(path)
+    if path.is_dir() and (path / "params.json").exists() and not (path / "config.json").exists():
+        from .mistral import read_mistral
+
+        return read_mistral(path)
+    if path.is_dir() and (path / "config.json").exists():
+        from .hf import hf_rules, read_hf
+
+        config, source = read_hf(path)
+        if isinstance(config, MixtralConfig) and _is_quantized(path):
+            from ..quant.checkpoint import quantized_rules
+
+            return config, source, quantized_rules(config, set(source.keys()), path)
+        return config, source, hf_rules(config, set(source.keys()))
+    if path.is_dir():
+        raise CheckpointError(f"{path}: neither config.json (Hugging Face) nor params.json (Mistral) found")
+    raise CheckpointError(f"{path}: not a checkpoint directory or a .gguf file")
+
+
+def _is_quantized(path: Path) -> bool:
+    import json
+
+    try:
+        return "quantization_config" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def load_pretrained(
+    cls,
+    path: str | Path,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+    attn_implementation: str = "sdpa",
+    quantize: str | None = None,
+    config: Any = None,
+    progress: bool | None = None,
+):
+    from ..model import MixtralModel
+
+    path = resolve_path(path)
+    ckpt_config, source, rules = read_checkpoint(path)
+    config = config or ckpt_config
+    if dtype == "auto":
+        dtype = config.torch_dtype or torch.float32
+    dtype = parse_dtype(dtype)
+    with torch.device("meta"):
+        model = cls(config, attn_implementation=attn_implementation)
+    bare = cls is MixtralModel
+    if bare:
+        rules = {k[len("model."):]: v for k, v in rules.items() if k.startswith("model.")}
+    prepare = getattr(model, "prepare_for_checkpoint", None)
+    if prepare is not None:  # e.g. quantized checkpoints swap in quantized expert modules first
+        prepare(rules)
+    head = {"MixtralForSequenceClassification": "score.weight"}.get(cls.__name__)
+    fresh = materialize(
+        model, rules, source, dtype=dtype, device=device,
+        optional=[head] if head else [],
+        # A classifier loads from a causal-LM checkpoint (and vice versa) without its head; a tied
+        # checkpoint may still carry lm_head.weight.
+        ignore=lambda key: key in ("lm_head.weight", "score.weight") or key.endswith("rotary_emb.inv_freq"),
+        progress=progress,
+    )
+    if fresh:
+        warnings.warn(f"{path}: {', '.join(fresh)} not in the checkpoint; initialized randomly", stacklevel=3)
+    base = model if bare else model.model
+    base.reset_rotary(device)
+    if config.tie_word_embeddings and not bare and hasattr(model, "lm_head"):
+        model.lm_head.weight = base.embed_tokens.weight
+    if quantize:
+        from ..quant import quantize_model
+
+        quantize_model(model, quantize)
+    model.eval()
+    return model

@@ -1,0 +1,170 @@
+"""The ``mixtral`` command. Each subcommand's work lives in its own module; this file only parses."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def resolve_model(path: str | None) -> Path:
+    """``--model`` or, when absent, the demo model (fetched and converted on first use)."""
+    if path:
+        return Path(path)
+    from .demo import ensure_demo_model
+
+    return ensure_demo_model()
+
+
+def load_for_cli(path: Path, dtype: str = "float32", quantize: str | None = None):
+    from . import MixtralForCausalLM, Tokenizer
+
+    model = MixtralForCausalLM.from_pretrained(path, dtype=dtype, quantize=quantize)
+    tokenizer = Tokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generation import TextStreamer
+    from .perf import configure_threads
+
+    configure_threads(args.threads)
+    path = resolve_model(args.model)
+    model, tok = load_for_cli(path, args.dtype, args.quantize)
+    if args.model is None:
+        from .demo import DEMO_NOTICE
+
+        print(DEMO_NOTICE, file=sys.stderr)
+    if args.chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    else:
+        ids = tok.encode(args.prompt)
+    if not ids:
+        raise SystemExit("error: the prompt encodes to no tokens")
+    input_ids = torch.tensor([ids])
+    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    start = time.perf_counter()
+    out = model.generate(
+        input_ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+        temperature=args.temperature if args.temperature > 0 else 1.0, top_p=args.top_p, top_k=args.top_k,
+        streamer=streamer, generator=generator,
+    )
+    elapsed = time.perf_counter() - start
+    new = out.shape[1] - input_ids.shape[1]
+    print(f"[prompt {input_ids.shape[1]} tokens, generated {new} tokens, {new / elapsed:.1f} tokens/s]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixtral", description="Run, convert, quantize and serve Mixtral models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", help="checkpoint directory, .gguf file or hub id (default: the demo model)")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        p.add_argument("--quantize", choices=["int8", "int4"], help="quantize weights at load time")
+        p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
+
+    g = sub.add_parser("generate", help="generate text from a prompt, streaming it")
+    model_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--seed", type=int)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat in the terminal (reads piped stdin too)")
+    model_args(c)
+    c.add_argument("--system", help="system prompt")
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--top-p", type=float)
+    c.add_argument("--seed", type=int)
+    c.set_defaults(func=lambda a: _lazy("mixtral.serve.chat", "run_chat")(a))
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    model_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch", type=int, default=8)
+    s.add_argument("--max-context", type=int, help="tokens per request, prompt + output (default: model's)")
+    s.add_argument("--served-model-name", help="the name clients use (default: the directory name)")
+    s.set_defaults(func=lambda a: _lazy("mixtral.serve.server", "run_serve")(a))
+
+    b = sub.add_parser("bench", help="prefill/decode throughput, time to first token, peak memory")
+    model_args(b)
+    b.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,4,16")
+    b.add_argument("--prompt-len", type=int, default=128)
+    b.add_argument("--gen-len", type=int, default=128)
+    b.add_argument("--repeats", type=int, default=1)
+    b.add_argument("--json", help="also write the results as JSON to this file")
+    b.set_defaults(func=lambda a: _lazy("mixtral.serve.bench", "run_bench")(a))
+
+    conv = sub.add_parser("convert", help="convert between checkpoint formats")
+    csub = conv.add_subparsers(dest="format", required=True)
+    cm = csub.add_parser("mistral", help="raw Mistral release (params.json + consolidated.*) -> HF layout")
+    cm.add_argument("src")
+    cm.add_argument("dst")
+    cm.add_argument("--max-shard-size", default="5GB")
+    cm.set_defaults(func=lambda a: _lazy("mixtral.checkpoint.mistral", "run_convert")(a))
+    cg = csub.add_parser("gguf", help="llama.cpp GGUF -> HF layout")
+    cg.add_argument("src")
+    cg.add_argument("dst")
+    cg.add_argument("--max-shard-size", default="5GB")
+    cg.set_defaults(func=lambda a: _lazy("mixtral.checkpoint.gguf", "run_convert")(a))
+    ct = csub.add_parser("to-gguf", help="HF layout -> llama.cpp GGUF")
+    ct.add_argument("src")
+    ct.add_argument("dst")
+    ct.add_argument("--type", default="F16", choices=["F32", "F16", "Q8_0", "Q4_0", "Q4_1"])
+    ct.set_defaults(func=lambda a: _lazy("mixtral.checkpoint.gguf", "run_export")(a))
+
+    u = sub.add_parser("upcycle", help="dense Llama/Mistral checkpoint -> Mixtral with copied experts")
+    u.add_argument("dense")
+    u.add_argument("dst")
+    u.add_argument("--experts", type=int, default=8)
+    u.add_argument("--top-k", type=int, default=2)
+    u.add_argument("--noise", type=float, default=0.0, help="std of noise added to each expert copy")
+    u.add_argument("--seed", type=int, default=0)
+    u.set_defaults(func=lambda a: _lazy("mixtral.checkpoint.upcycle", "run_upcycle")(a))
+
+    q = sub.add_parser("quantize", help="weight-only int8/int4 quantization of a checkpoint")
+    q.add_argument("src")
+    q.add_argument("dst")
+    mode = q.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--int8", action="store_true")
+    mode.add_argument("--int4", action="store_true")
+    q.add_argument("--group-size", type=int, default=128)
+    q.set_defaults(func=lambda a: _lazy("mixtral.quant", "run_quantize")(a))
+    return parser
+
+
+def _lazy(module: str, name: str):
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .checkpoint.loading import CheckpointError
+
+    try:
+        return int(args.func(args) or 0)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Model configuration: the fields and defaults of transformers' ``MixtralConfig``.
+
+The dataclass is the single source of truth for model shapes. Reading and writing
+``config.json`` lives here; translations from other formats (Mistral ``params.json``,
+GGUF metadata) live next to those formats in ``mixtral.checkpoint``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "relu")
+
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class MixtralConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 131072
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-5
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_theta: float = 1e6
+    sliding_window: int | None = None
+    attention_dropout: float = 0.0
+    num_experts_per_tok: int = 2
+    num_local_experts: int = 8
+    output_router_logits: bool = False
+    router_aux_loss_coef: float = 0.001
+    router_jitter_noise: float = 0.0
+    # Sequence classification head.
+    num_labels: int = 2
+    problem_type: str | None = None
+    # Not a model field: the dtype the weights were saved in, kept for config.json round trips.
+    torch_dtype: str | None = field(default=None, repr=False)
+
+    model_type = "mixtral"
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        self.validate()
+
+    # -- derived values -------------------------------------------------------------------------
+    @property
+    def num_experts(self) -> int:
+        """transformers' alias for ``num_local_experts``."""
+        return self.num_local_experts
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_parameters(self) -> dict[str, Any]:
+        return {"rope_type": "default", "rope_theta": self.rope_theta}
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+    # -- validation -----------------------------------------------------------------------------
+    def validate(self) -> None:
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+            "num_experts_per_tok",
+            "num_local_experts",
+            "num_labels",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"MixtralConfig.{name} must be a positive integer, got {value!r}")
+        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0):
+            raise ValueError(f"MixtralConfig.head_dim must be a positive integer or None, got {self.head_dim!r}")
+        if self.head_dim is not None and self.head_dim % 2:
+            raise ValueError(f"MixtralConfig.head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"MixtralConfig.hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads}) when head_dim is not set"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"MixtralConfig.num_key_value_heads ({self.num_key_value_heads}) must divide "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.num_experts_per_tok > self.num_local_experts:
+            raise ValueError(
+                f"MixtralConfig.num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed "
+                f"num_local_experts ({self.num_local_experts})"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"MixtralConfig.hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
+        if self.sliding_window is not None and (
+            isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int) or self.sliding_window < 1
+        ):
+            raise ValueError(f"MixtralConfig.sliding_window must be None or an integer >= 1, got {self.sliding_window!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"MixtralConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("attention_dropout", "router_jitter_noise"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"MixtralConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):
+            raise ValueError(f"MixtralConfig.problem_type is not a known problem type: {self.problem_type!r}")
+
+    # -- config.json ----------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MixtralConfig:
+        """Build from a ``config.json`` dictionary (transformers v4 or v5); unknown keys are ignored."""
+        data = dict(data)
+        rope = data.pop("rope_parameters", None) or data.pop("rope_scaling", None)
+        if isinstance(rope, dict):
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if rope_type not in ("default", None):
+                raise ValueError(f"rope_parameters.rope_type {rope_type!r} is not supported (only 'default')")
+            if "rope_theta" in rope and "rope_theta" not in data:
+                data["rope_theta"] = rope["rope_theta"]
+        if "num_labels" not in data and isinstance(data.get("id2label"), dict):
+            data["num_labels"] = len(data["id2label"])
+        if "torch_dtype" not in data and isinstance(data.get("dtype"), str):
+            data["torch_dtype"] = data["dtype"]
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        for key in ("rope_theta", "rms_norm_eps", "initializer_range", "router_aux_loss_coef"):
+            if isinstance(kwargs.get(key), int):
+                kwargs[key] = float(kwargs[key])
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``config.json`` dictionary, in the layout transformers writes (v4 keys, which v5 reads too)."""
+        out: dict[str, Any] = {"architectures": ["MixtralForCausalLM"], "model_type": self.model_type}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "torch_dtype" and value is None:
+                continue
+            out[f.name] = value
+        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+        out["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+        return out
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> MixtralConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        model_type = data.get("model_type")
+        if model_type not in (None, "mixtral", "mistral", "llama"):
+            raise ValueError(f"{path}: model_type {model_type!r} is not a Mixtral-architecture model")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from e
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> MixtralConfig:
+        """Read ``config.json`` from a checkpoint directory (or the file itself)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no config.json found")
+        return cls.from_json_file(path)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")

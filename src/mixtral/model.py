@@ -1,0 +1,562 @@
+"""Mixtral: a decoder-only transformer with a sparse mixture-of-experts block in every layer.
+
+Shape legend (used in comments throughout):
+    B batch, T new tokens this step, S keys attended (cache + new), H hidden_size,
+    nh query heads, nkv key/value heads, hd head dim, E experts, K experts per token, V vocab.
+
+Parameter names follow transformers v5 (``mlp.gate``, ``mlp.experts.gate_up_proj``), except that
+q/k/v are one fused ``qkv_proj`` (one matrix product instead of three). Checkpoint layouts are
+translated in ``mixtral.checkpoint``; this file knows none of them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache, StepLayout
+from .config import MixtralConfig
+from .moe import SparseMoeBlock, load_balancing_loss
+from .outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotary_inv_freq(config: MixtralConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    hd = config.dim_per_head
+    return 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
+
+
+def rotary_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
+    """position_ids (B, T) -> cos, sin (B, 1, T, hd), in the rotate-half layout of HF checkpoints."""
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def build_mask(layout: StepLayout, window: int | None) -> torch.Tensor | None:
+    """Boolean (B, 1, T, S) mask, True = may attend; None when plain causal attention suffices.
+
+    Query i sees key j iff j is real (not padding, not an empty slot), j <= i, and, with a sliding
+    window W, i - W < j. Queries that may see nothing (padding queries) are let see everything:
+    their outputs are never used, and an all-masked row would produce NaNs that leak into the
+    next layer through the values.
+    """
+    q = layout.query_index[:, None]
+    k = layout.key_index[None, :]
+    allowed = (k <= q) & (k >= 0)  # (T, S)
+    if window is not None:
+        allowed &= k > q - window
+    allowed = allowed[None] & layout.key_valid[:, None, :]  # (B, T, S)
+    empty = ~allowed.any(dim=-1, keepdim=True)
+    allowed = allowed | empty
+    return allowed[:, None]
+
+
+def needs_mask(layout: StepLayout, config: MixtralConfig, cache: KVCache | None) -> bool:
+    """False when attention needs no mask tensor: one query that sees every key held, or a
+    square causal block (SDPA's ``is_causal``). Both are common (decode, unpadded prefill)."""
+    T, S = layout.query_index.shape[0], layout.key_index.shape[0]
+    if not layout.all_valid:
+        return True
+    window = config.sliding_window
+    if T == 1 and (window is None or (cache is not None and cache.window is not None)):
+        return False
+    return not (S == T and (window is None or window >= T))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MixtralConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.dim_per_head
+        self.dropout = config.attention_dropout
+        self.qkv_sizes = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                          self.num_kv_heads * self.head_dim)
+        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.qkv_sizes), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        implementation: str,
+        want_probs: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
+        dropout = self.dropout if self.training else 0.0
+        probs = None
+        if implementation == "eager" or want_probs:
+            out, probs = eager_attention(q, k, v, mask, dropout)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout,
+                is_causal=mask is None and T > 1, enable_gqa=self.num_kv_heads != self.num_heads,
+            )
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        return self.o_proj(out), probs
+
+
+def eager_attention(q, k, v, mask, dropout: float = 0.0):
+    """Attention written out, returning the probabilities (B, nh, T, S) too."""
+    rep = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(rep, dim=1)
+    v = v.repeat_interleave(rep, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if mask is None:
+        T, S = q.shape[-2], k.shape[-2]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs_dropped = F.dropout(probs, p=dropout) if dropout > 0 else probs
+    return probs_dropped @ v, probs
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: MixtralConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = SparseMoeBlock(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache, implementation, record: Recorder | None) -> torch.Tensor:
+        h, probs = self.self_attn(
+            self.input_layernorm(x), cos, sin, mask, cache, implementation,
+            record is not None and record.attentions is not None,
+        )
+        x = x + h
+        h, router_logits = self.mlp(self.post_attention_layernorm(x))
+        if record is not None:
+            record.add(probs, router_logits)
+        return x + h
+
+
+@dataclass
+class Recorder:
+    """Collects the optional per-layer outputs once, instead of threading output_* flags around."""
+
+    attentions: list | None = None
+    router_logits: list | None = None
+    hidden_states: list | None = None
+
+    def add(self, probs, router_logits) -> None:
+        if self.attentions is not None:
+            self.attentions.append(probs)
+        if self.router_logits is not None:
+            self.router_logits.append(router_logits)
+
+    @staticmethod
+    def of(attentions: bool, router_logits: bool, hidden_states: bool) -> Recorder | None:
+        if not (attentions or router_logits or hidden_states):
+            return None
+        return Recorder([] if attentions else None, [] if router_logits else None, [] if hidden_states else None)
+
+
+class MixtralPreTrainedModel(nn.Module):
+    """Shared construction, initialization and checkpoint I/O."""
+
+    config_class = MixtralConfig
+    base_model_prefix = "model"
+
+    def __init__(self, config: MixtralConfig, attn_implementation: str = "sdpa") -> None:
+        super().__init__()
+        if attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}"
+            )
+        self.config = config
+        self.attn_implementation = attn_implementation
+
+    def init_weights(self) -> None:
+        """normal(0, initializer_range) for every matrix, ones for norms (transformers' scheme)."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if p.device.type == "meta":
+                continue
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+        if self.config.pad_token_id is not None:
+            embed = self.get_input_embeddings()
+            with torch.no_grad():
+                embed.weight[self.config.pad_token_id].zero_()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return getattr(self, self.base_model_prefix).embed_tokens
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype | str = torch.float32,
+        device: torch.device | str = "cpu",
+        attn_implementation: str = "sdpa",
+        quantize: str | None = None,
+        **kwargs: Any,
+    ):
+        """Load from an HF directory, a raw Mistral release, a GGUF file, or a hub repo id."""
+        from .checkpoint import load_pretrained
+
+        if "torch_dtype" in kwargs:
+            dtype = kwargs.pop("torch_dtype")
+        return load_pretrained(
+            cls, path, dtype=dtype, device=device, attn_implementation=attn_implementation,
+            quantize=quantize, **kwargs,
+        )
+
+    def save_pretrained(self, directory: str | Path, max_shard_size: int | str = "5GB") -> None:
+        """Write the hub layout (config.json + safetensors, sharded with an index when large)."""
+        from .checkpoint.hf import save_pretrained
+
+        save_pretrained(self, directory, max_shard_size=max_shard_size)
+
+
+class MixtralModel(MixtralPreTrainedModel):
+    """The decoder stack: embeddings, layers, final norm. Returns hidden states."""
+
+    def __init__(self, config: MixtralConfig, attn_implementation: str = "sdpa") -> None:
+        super().__init__(config, attn_implementation)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.register_buffer("inv_freq", rotary_inv_freq(config), persistent=False)
+        self.init_weights()
+
+    @property
+    def model(self) -> MixtralModel:  # so MixtralPreTrainedModel helpers work on the bare model too
+        return self
+
+    def reset_rotary(self, device: torch.device | str | None = None) -> None:
+        self.inv_freq = rotary_inv_freq(self.config, device=device)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: KVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
+        cache: KVCache | None = None,
+        **kwargs: Any,
+    ) -> MoeModelOutputWithPast | tuple:
+        config = self.config
+        if cache is not None:
+            past_key_values = cache
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+            check_token_ids(input_ids, config.vocab_size)
+            inputs_embeds = self.embed_tokens(input_ids)
+        B, T, _ = inputs_embeds.shape
+        if T == 0:
+            raise ValueError("empty input: the sequence has no tokens")
+        use_cache = config.use_cache if use_cache is None else use_cache
+        record = Recorder.of(
+            bool(output_attentions),
+            bool(output_router_logits if output_router_logits is not None else config.output_router_logits),
+            bool(output_hidden_states),
+        )
+        past_key_values = to_kv_cache(past_key_values, self, B)
+        if use_cache and past_key_values is None:
+            past_key_values = KVCache.for_model(config, B, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+
+        new_valid = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < T:
+                raise ValueError(
+                    f"attention_mask must be (batch, past + seq_len) with batch={B} and at least {T} "
+                    f"columns, got shape {tuple(attention_mask.shape)}"
+                )
+            new_valid = attention_mask[:, -T:].to(device=inputs_embeds.device).bool()
+        if past_key_values is not None:
+            layout = past_key_values.begin(new_valid, T)
+            row_start = past_key_values.row_positions
+        else:
+            query_index = torch.arange(T, device=inputs_embeds.device)
+            key_valid = new_valid if new_valid is not None else torch.ones(B, T, dtype=torch.bool,
+                                                                           device=inputs_embeds.device)
+            layout = StepLayout(query_index, key_valid, query_index, new_valid is None or bool(new_valid.all()))
+            row_start = torch.zeros(B, dtype=torch.long, device=inputs_embeds.device)
+        if position_ids is None:
+            position_ids = derive_position_ids(new_valid, row_start, T)
+        mask = build_mask(layout, config.sliding_window) if needs_mask(layout, config, past_key_values) else None
+        cos, sin = rotary_cos_sin(self.inv_freq, position_ids, inputs_embeds.dtype)
+
+        h = inputs_embeds
+        if record is not None and record.hidden_states is not None:
+            record.hidden_states.append(h)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, past_key_values, self.attn_implementation, record)
+            if record is not None and record.hidden_states is not None:
+                record.hidden_states.append(h)
+        h = self.norm(h)
+        if past_key_values is not None:
+            past_key_values.end()
+        if record is not None and record.hidden_states is not None:
+            record.hidden_states[-1] = h  # transformers' convention: the last entry is after the norm
+        out = MoeModelOutputWithPast(
+            last_hidden_state=h,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(record.hidden_states) if record and record.hidden_states is not None else None,
+            attentions=tuple(record.attentions) if record and record.attentions is not None else None,
+            router_logits=tuple(record.router_logits) if record and record.router_logits is not None else None,
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+
+def _normal_(weight: torch.Tensor, std: float) -> None:
+    if weight.device.type != "meta":
+        nn.init.normal_(weight, mean=0.0, std=std)
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    if input_ids.numel() == 0:
+        raise ValueError("empty input: input_ids has no tokens")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = hi if hi >= vocab_size else lo
+        raise ValueError(f"token id {bad} is out of range for vocab_size={vocab_size}")
+
+
+def derive_position_ids(valid: torch.Tensor | None, row_start: torch.Tensor, T: int) -> torch.Tensor:
+    """Positions count real tokens only, so left padding does not shift a row's rotary phases."""
+    if valid is None:
+        return row_start[:, None] + torch.arange(T, device=row_start.device)[None]
+    pos = row_start[:, None] + valid.long().cumsum(dim=1) - 1
+    return pos.masked_fill(~valid, 1).clamp_(min=0)
+
+
+def to_kv_cache(past: Any, model: MixtralModel, batch: int) -> KVCache | None:
+    """Accept our KVCache, or the legacy tuple-of-(k, v)-per-layer format transformers used."""
+    if past is None or isinstance(past, KVCache):
+        return past
+    if isinstance(past, (tuple, list)) and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in past):
+        if len(past) != model.config.num_hidden_layers:
+            raise ValueError(f"past_key_values has {len(past)} layers, the model {model.config.num_hidden_layers}")
+        k0 = past[0][0]
+        cache = KVCache.for_model(model.config, batch, capacity=k0.shape[2], dtype=k0.dtype, device=k0.device)
+        n = k0.shape[2]
+        if cache.window is not None and n > cache.window:
+            raise ValueError("legacy past_key_values longer than the sliding window cannot be converted")
+        valid = torch.ones(batch, n, dtype=torch.bool, device=k0.device)
+        cache.begin(valid, n)
+        for i, (k, v) in enumerate(past):
+            cache.update(i, k, v)
+        cache.end()
+        return cache
+    raise TypeError(f"past_key_values must be a mixtral KVCache or a tuple of (k, v) pairs, got {type(past)}")
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: labels are shifted here, -100 ignored, mean over counted tokens."""
+    labels = F.pad(labels, (0, 1), value=-100)[..., 1:].to(logits.device)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+class MixtralForCausalLM(MixtralPreTrainedModel):
+    def __init__(self, config: MixtralConfig, attn_implementation: str = "sdpa") -> None:
+        super().__init__(config, attn_implementation)
+        self.model = MixtralModel(config, attn_implementation)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        _normal_(self.lm_head.weight, config.initializer_range)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def attn_implementation(self) -> str:
+        return self._attn_impl
+
+    @attn_implementation.setter
+    def attn_implementation(self, value: str) -> None:
+        self._attn_impl = value
+        if "model" in self._modules:
+            self.model.attn_implementation = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: KVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
+        cache: KVCache | None = None,
+        logits_to_keep: int = 0,
+        **kwargs: Any,
+    ) -> MoeCausalLMOutputWithPast | tuple:
+        want_router = output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
+            use_cache=use_cache, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            output_router_logits=want_router,
+        )
+        h = out.last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        aux_loss = None
+        if want_router:
+            aux_loss = load_balancing_loss(
+                out.router_logits, self.config.num_local_experts, self.config.num_experts_per_tok, attention_mask
+            )
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+        result = MoeCausalLMOutputWithPast(
+            loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states, attentions=out.attentions, router_logits=out.router_logits,
+        )
+        return result if return_dict is not False else result.to_tuple()
+
+    def generate(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> torch.LongTensor:
+        """transformers-style generation; see ``mixtral.generation.generate``."""
+        from .generation import generate
+
+        return generate(self, input_ids, **kwargs)
+
+
+class MixtralForSequenceClassification(MixtralPreTrainedModel):
+    """Decoder + a bias-free ``score`` head read at each row's last non-padding token."""
+
+    def __init__(self, config: MixtralConfig, attn_implementation: str = "sdpa") -> None:
+        super().__init__(config, attn_implementation)
+        self.model = MixtralModel(config, attn_implementation)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        _normal_(self.score.weight, config.initializer_range)
+
+    @property
+    def attn_implementation(self) -> str:
+        return self._attn_impl
+
+    @attn_implementation.setter
+    def attn_implementation(self, value: str) -> None:
+        self._attn_impl = value
+        if "model" in self._modules:
+            self.model.attn_implementation = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: KVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
+        cache: KVCache | None = None,
+        **kwargs: Any,
+    ) -> SequenceClassifierOutputWithPast | tuple:
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
+            use_cache=use_cache, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            output_router_logits=output_router_logits,
+        )
+        logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
+        B = logits.shape[0]
+        pad = self.config.pad_token_id
+        if pad is None and B != 1:
+            raise ValueError("sequence classification of a batch needs config.pad_token_id to find each row's end")
+        if pad is None or input_ids is None:
+            last = torch.full((B,), -1, dtype=torch.long, device=logits.device)
+        else:
+            # The rightmost non-pad token: works for right padding and for left padding alike.
+            not_pad = (input_ids != pad).to(logits.device, torch.long)
+            last = (torch.arange(input_ids.shape[1], device=logits.device) * not_pad).argmax(-1)
+        pooled = logits[torch.arange(B, device=logits.device), last]  # (B, num_labels)
+        loss = classification_loss(pooled, labels, self.config) if labels is not None else None
+        result = SequenceClassifierOutputWithPast(
+            loss=loss, logits=pooled, past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states, attentions=out.attentions,
+        )
+        return result if return_dict is not False else result.to_tuple()
+
+
+def classification_loss(pooled: torch.Tensor, labels: torch.Tensor, config: MixtralConfig) -> torch.Tensor:
+    """Regression (MSE), single-label (cross-entropy) or multi-label (BCE), chosen as transformers does."""
+    n = config.num_labels
+    problem = config.problem_type
+    if problem is None:
+        if n == 1:
+            problem = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+        config.problem_type = problem
+    labels = labels.to(pooled.device)
+    if problem == "regression":
+        if n == 1:
+            return F.mse_loss(pooled.squeeze().float(), labels.squeeze().float())
+        return F.mse_loss(pooled.float(), labels.float())
+    if problem == "single_label_classification":
+        return F.cross_entropy(pooled.float().view(-1, n), labels.view(-1))
+    return F.binary_cross_entropy_with_logits(pooled.float(), labels.float())
