@@ -386,8 +386,8 @@ def derive_position_ids(valid: torch.Tensor | None, row_start: torch.Tensor, T: 
 
 def to_kv_cache(past: Any, model: MixtralModel, batch: int) -> KVCache | None:
     """Accept our KVCache, or the legacy tuple-of-(k, v)-per-layer format transformers used."""
-    if past is None or isinstance(past, KVCache):
-        return past
+    if past is None or isinstance(past, KVCache) or hasattr(past, "begin"):
+        return past  # our cache, or any object with its begin/update/end protocol (e.g. the server's)
     if isinstance(past, (tuple, list)) and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in past):
         if len(past) != model.config.num_hidden_layers:
             raise ValueError(f"past_key_values has {len(past)} layers, the model {model.config.num_hidden_layers}")
