@@ -49,11 +49,11 @@ def from_hf_model(hm, cls, config, attn="sdpa"):
     state = {k: v.detach().clone() for k, v in hm.state_dict().items()}
     with torch.device("meta"):
         m = cls(config, attn_implementation=attn)
+    if cls is MixtralModel:  # a bare model's tensors have no "model." prefix
+        state = {k if k.startswith("model.") else "model." + k: v for k, v in state.items()}
     rules = hf_rules(config, set(state))
     if cls is MixtralModel:
-        rules = {k[len("model."):]: v for k, v in rules.items()}
-        state = {k if k.startswith("model.") else "model." + k: v for k, v in state.items()}
-        rules = {k: v for k, v in rules.items()}
+        rules = {k[len("model."):]: v for k, v in rules.items() if k.startswith("model.")}
     materialize(m, rules, DictSource(state, "hf"), dtype=torch.float32, device="cpu",
                 ignore=lambda k: k == "lm_head.weight")
     base = m if cls is MixtralModel else m.model

@@ -139,8 +139,10 @@ class KVCache:
             key_index, key_valid = self.slot_index, self.slot_valid
             all_valid = not self._has_padding and n + 1 >= self.window
         else:
-            key_index = torch.cat([self.slot_index, query_index])
-            key_valid = torch.cat([self.slot_valid, new_valid], dim=1)
+            # Slots fill in order until the window is full, so the filled ones are a prefix.
+            filled = min(n, self.window)
+            key_index = torch.cat([self.slot_index[:filled], query_index])
+            key_valid = torch.cat([self.slot_valid[:, :filled], new_valid], dim=1)
             all_valid = False  # empty slots are masked through key_index
         self._layout = StepLayout(key_index, key_valid, query_index, all_valid)
         self._chunk = T
@@ -159,8 +161,9 @@ class KVCache:
             self.k[layer][:, :, slot : slot + 1] = k
             self.v[layer][:, :, slot : slot + 1] = v
             return self.k[layer], self.v[layer]
-        keys = torch.cat([self.k[layer], k], dim=2)
-        values = torch.cat([self.v[layer], v], dim=2)
+        filled = min(n, self.window)
+        keys = torch.cat([self.k[layer][:, :, :filled], k], dim=2)
+        values = torch.cat([self.v[layer][:, :, :filled], v], dim=2)
         # Keep the chunk's last `window` tokens, each in slot index % window.
         keep = min(T, self.window)
         slots = torch.arange(n + T - keep, n + T, device=self.device) % self.window

@@ -84,18 +84,17 @@ class SafetensorsSource(TensorSource):
         for f in files:
             if not f.exists():
                 raise CheckpointError(f"{f}: shard listed in {index_path or 'the checkpoint'} does not exist")
+            _check_safetensors_extent(f, f.stat().st_size)
             try:
                 handle = safe_open(str(f), framework="pt")
                 keys = list(handle.keys())
             except Exception as e:  # safetensors raises its own error types for bad headers
                 raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from e
-            size = f.stat().st_size
             for k in keys:
                 if k in self._file_of:
                     raise CheckpointError(f"{f}: tensor {k!r} also appears in {self._file_of[k]}")
                 self._file_of[k] = f
             self._handles[f] = handle
-            _check_safetensors_extent(f, size)
         if index is not None:
             for key, shard in index.items():
                 got = self._file_of.get(key)
@@ -148,7 +147,10 @@ def _check_safetensors_extent(path: Path, size: int) -> None:
             header = json.loads(fh.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: truncated: the header describes {8 + n + end} bytes, the file has {size}")
 

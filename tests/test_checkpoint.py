@@ -1,0 +1,222 @@
+"""HF checkpoints: both libraries load each other's files; bad files fail loudly, naming file and tensor."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import hf_pair, tiny_kwargs, transformers
+
+from mixtral import MixtralConfig, MixtralForCausalLM, MixtralForSequenceClassification, MixtralModel
+from mixtral.checkpoint import CheckpointError
+
+
+def logits_equal(a, b, ids):
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_ours_saved_loads_in_transformers(tmp_path, tied):
+    hm_ref, m = hf_pair(tie_word_embeddings=tied)
+    m.save_pretrained(tmp_path)
+    names = set(json.loads((tmp_path / "config.json").read_text()))
+    assert {"rope_theta", "num_local_experts", "model_type"} <= names
+    hm = transformers.MixtralForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 101, (2, 7))
+    logits_equal(hm, m, ids)
+
+
+def test_transformers_saved_loads_in_ours_v5_fused_layout(tmp_path):
+    hm, _ = hf_pair()
+    hm.save_pretrained(tmp_path)  # transformers 5 writes its own layout
+    m = MixtralForCausalLM.from_pretrained(tmp_path)
+    logits_equal(hm, m, torch.randint(0, 101, (2, 7)))
+
+
+def test_hub_layout_sharded_roundtrip(tmp_path):
+    hm, m = hf_pair()
+    m.save_pretrained(tmp_path, max_shard_size="60KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 2 and all((tmp_path / s).exists() for s in shards)
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in index["weight_map"]
+    assert "model.layers.1.self_attn.q_proj.weight" in index["weight_map"]
+    again = MixtralForCausalLM.from_pretrained(tmp_path)
+    logits_equal(again, m, torch.randint(0, 101, (1, 9)))
+    hm2 = transformers.MixtralForCausalLM.from_pretrained(tmp_path).eval()
+    logits_equal(hm2, m, torch.randint(0, 101, (1, 9)))
+
+
+def test_sharded_transformers_checkpoint_loads(tmp_path):
+    hm, _ = hf_pair()
+    hm.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    logits_equal(hm, MixtralForCausalLM.from_pretrained(tmp_path), torch.randint(0, 101, (1, 5)))
+
+
+def test_config_only_v4_rope_theta_and_v5_rope_parameters(tmp_path):
+    _, m = hf_pair(rope_theta=5000.0)
+    m.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data.pop("rope_theta")
+    data["rope_parameters"] = {"rope_theta": 5000.0, "rope_type": "default"}
+    data["some_future_key"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    assert MixtralConfig.from_pretrained(tmp_path).rope_theta == 5000.0
+    logits_equal(MixtralForCausalLM.from_pretrained(tmp_path), m, torch.randint(0, 101, (1, 6)))
+
+
+def test_bare_model_and_classifier_from_causal_checkpoint(tmp_path):
+    hm, m = hf_pair()
+    m.save_pretrained(tmp_path)
+    ids = torch.randint(0, 101, (1, 6))
+    base = MixtralModel.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids).last_hidden_state, m.model(ids).last_hidden_state)
+    with pytest.warns(UserWarning, match="score.weight"):
+        clf = MixtralForSequenceClassification.from_pretrained(tmp_path)
+    assert clf(ids).logits.shape == (1, 2)
+    base.save_pretrained(tmp_path / "bare")
+    hbase = transformers.MixtralModel.from_pretrained(tmp_path / "bare").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hbase(ids).last_hidden_state, base(ids).last_hidden_state)
+
+
+def test_dtype_argument(tmp_path):
+    _, m = hf_pair()
+    m.save_pretrained(tmp_path)
+    half = MixtralForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.model.layers[0].mlp.experts.down_proj.dtype == torch.bfloat16
+    assert MixtralForCausalLM.from_pretrained(tmp_path, dtype="auto").dtype == torch.float32
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def saved(tmp_path):
+    _, m = hf_pair()
+    m.save_pretrained(tmp_path, max_shard_size="100KB")
+    return tmp_path
+
+
+def test_missing_shard_is_named(saved):
+    shard = sorted(saved.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=shard.name):
+        MixtralForCausalLM.from_pretrained(saved)
+
+
+def test_truncated_file_is_named(saved):
+    shard = sorted(saved.glob("model-*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match=f"{shard.name}.*truncated"):
+        MixtralForCausalLM.from_pretrained(saved)
+
+
+def test_corrupt_header_is_named(saved):
+    shard = sorted(saved.glob("model-*.safetensors"))[0]
+    shard.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + b"\0" * 64)
+    with pytest.raises(CheckpointError, match=shard.name):
+        MixtralForCausalLM.from_pretrained(saved)
+
+
+def _rewrite(directory, edit):
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_wrong_shape_names_tensor(tmp_path):
+    _, m = hf_pair()
+    m.save_pretrained(tmp_path)
+    _rewrite(tmp_path, lambda t: t.__setitem__("model.norm.weight", torch.ones(63)))
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight.*\(63,\)"):
+        MixtralForCausalLM.from_pretrained(tmp_path)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    _, m = hf_pair()
+    m.save_pretrained(tmp_path)
+    _rewrite(tmp_path, lambda t: t.pop("model.layers.1.block_sparse_moe.experts.2.w3.weight"))
+    with pytest.raises(CheckpointError, match=r"experts\.2\.w3"):
+        MixtralForCausalLM.from_pretrained(tmp_path)
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    _, m = hf_pair()
+    m.save_pretrained(tmp_path)
+    _rewrite(tmp_path, lambda t: t.__setitem__("model.layers.7.extra.weight", torch.ones(2)))
+    with pytest.raises(CheckpointError, match=r"unexpected.*layers\.7\.extra"):
+        MixtralForCausalLM.from_pretrained(tmp_path)
+
+
+def test_config_mismatch_is_an_error(tmp_path):
+    _, m = hf_pair()
+    m.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="layers.2"):
+        MixtralForCausalLM.from_pretrained(tmp_path)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json"):
+        MixtralForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="no such file"):
+        MixtralForCausalLM.from_pretrained(tmp_path / "nope")
+
+
+def test_hub_id_without_network_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="mistralai/Mixtral-8x7B-v0.1.*hub"):
+        MixtralForCausalLM.from_pretrained("mistralai/Mixtral-8x7B-v0.1")
+
+
+def test_save_replaces_old_shards(tmp_path):
+    _, m = hf_pair()
+    m.save_pretrained(tmp_path, max_shard_size="60KB")
+    m.save_pretrained(tmp_path)
+    assert not list(tmp_path.glob("model-0*.safetensors"))
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+    assert not list(tmp_path.glob(".tmp-*"))
+    MixtralForCausalLM.from_pretrained(tmp_path)
+
+
+def test_config_fields_and_defaults_match_transformers():
+    ours = MixtralConfig()
+    theirs = transformers.MixtralConfig()
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "initializer_range",
+                 "rms_norm_eps", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id",
+                 "tie_word_embeddings", "sliding_window", "attention_dropout", "num_experts_per_tok",
+                 "num_local_experts", "output_router_logits", "router_aux_loss_coef", "router_jitter_noise",
+                 "num_labels", "problem_type"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.rope_theta == theirs.rope_parameters["rope_theta"] == 1e6
+    assert ours.num_experts == 8
+
+
+@pytest.mark.parametrize("field,value", [
+    ("num_experts_per_tok", 9), ("num_key_value_heads", 3), ("hidden_size", 65), ("intermediate_size", 0),
+    ("num_hidden_layers", -1), ("hidden_act", "tanhh"), ("sliding_window", 0), ("vocab_size", 0),
+    ("num_local_experts", 0), ("head_dim", -8),
+])
+def test_invalid_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        MixtralConfig(**tiny_kwargs(**{field: value}))
+
+
+def test_config_json_roundtrip(tmp_path):
+    cfg = MixtralConfig(**tiny_kwargs(sliding_window=16, eos_token_id=[2, 5]))
+    cfg.save_pretrained(tmp_path)
+    again = MixtralConfig.from_pretrained(tmp_path)
+    assert again == cfg
+    theirs = transformers.MixtralConfig.from_pretrained(tmp_path)
+    assert theirs.sliding_window == 16 and theirs.num_local_experts == cfg.num_local_experts
