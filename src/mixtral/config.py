@@ -120,7 +120,9 @@ class MixtralConfig:
         if self.sliding_window is not None and (
             isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int) or self.sliding_window < 1
         ):
-            raise ValueError(f"MixtralConfig.sliding_window must be None or an integer >= 1, got {self.sliding_window!r}")
+            raise ValueError(
+                f"MixtralConfig.sliding_window must be None or an integer >= 1, got {self.sliding_window!r}"
+            )
         for name in ("rms_norm_eps", "rope_theta"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"MixtralConfig.{name} must be > 0, got {getattr(self, name)!r}")

@@ -94,7 +94,8 @@ def to_hub_layout(name: str, tensor: torch.Tensor, config: MixtralConfig) -> lis
         inter = tensor.shape[1] // 2
         out = []
         for e in range(tensor.shape[0]):
-            out += [(f"{moe}experts.{e}.w1.weight", tensor[e, :inter]), (f"{moe}experts.{e}.w3.weight", tensor[e, inter:])]
+            out.append((f"{moe}experts.{e}.w1.weight", tensor[e, :inter]))
+            out.append((f"{moe}experts.{e}.w3.weight", tensor[e, inter:]))
         return out
     if rest == "mlp.experts.down_proj":
         return [(f"{moe}experts.{e}.w2.weight", tensor[e]) for e in range(tensor.shape[0])]
