@@ -74,27 +74,30 @@ class DictSource(TensorSource):
 
 
 class SafetensorsSource(TensorSource):
-    """One ``model.safetensors`` or the shards listed by ``model.safetensors.index.json`` (memory-mapped)."""
+    """One ``model.safetensors`` or the shards listed by ``model.safetensors.index.json``.
+
+    Tensors are memory-mapped, and each file is opened only for the duration of one read: a
+    handle kept open would keep every page read through it counted in the process's memory,
+    on top of the copies that fused parameters (q|k|v, stacked experts) are built into.
+    """
 
     def __init__(self, files: list[Path], index: dict[str, str] | None = None, index_path: Path | None = None):
         from safetensors import safe_open
 
-        self._handles = {}
         self._file_of: dict[str, Path] = {}
         for f in files:
             if not f.exists():
                 raise CheckpointError(f"{f}: shard listed in {index_path or 'the checkpoint'} does not exist")
             _check_safetensors_extent(f, f.stat().st_size)
             try:
-                handle = safe_open(str(f), framework="pt")
-                keys = list(handle.keys())
+                with safe_open(str(f), framework="pt") as handle:
+                    keys = list(handle.keys())
             except Exception as e:  # safetensors raises its own error types for bad headers
                 raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from e
             for k in keys:
                 if k in self._file_of:
                     raise CheckpointError(f"{f}: tensor {k!r} also appears in {self._file_of[k]}")
                 self._file_of[k] = f
-            self._handles[f] = handle
         if index is not None:
             for key, shard in index.items():
                 got = self._file_of.get(key)
@@ -126,9 +129,12 @@ class SafetensorsSource(TensorSource):
         return key in self._file_of
 
     def get(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
         f = self._file_of[key]
         try:
-            return self._handles[f].get_tensor(key)
+            with safe_open(str(f), framework="pt") as handle:
+                return handle.get_tensor(key)
         except Exception as e:
             raise CheckpointError(f"{f}: could not read tensor {key!r} ({e})") from e
 
