@@ -1,0 +1,353 @@
+"""Continuous batching: one thread runs the model for every request in flight.
+
+Each request owns a batch-1 ``KVCache`` (growing, or rolling under a sliding window), so requests of
+any length can come and go without copying anyone else's keys. A step of the loop:
+
+1. drop requests whose client went away (their slot is free from this step on);
+2. admit waiting requests up to ``max_batch``: each prompt is prefilled alone (B=1), its first token
+   sampled, and it joins the batch;
+3. one batched forward decodes a token for every active request through ``RaggedDecodeView``, which
+   presents the list of per-request caches to the model as one cache of B rows;
+4. each row samples with its own settings and generator, detokenizes, checks EOS / stop strings /
+   length, and streams its new text out; finished requests leave the batch at once.
+
+The model is only ever called from the engine thread. Requests come in through a thread-safe queue
+and results go out through each request's ``emit`` callback (the server wraps an asyncio queue).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cache import KVCache, StepLayout
+from ..generation import SamplingParams, decode_step, next_token, prefill
+
+log = logging.getLogger("mixtral.serve")
+
+
+# -- events a request receives ----------------------------------------------------------------------
+@dataclass
+class Delta:
+    text: str  # new text since the previous Delta (may be several tokens' worth, never a partial character)
+
+
+@dataclass
+class Finished:
+    reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+Event = Delta | Finished | Failed
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    max_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    emit: Callable[[Event], None] = lambda event: None
+    cancelled: bool = False  # set from any thread; the engine drops the request at its next step
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class RaggedDecodeView:
+    """The KVCache protocol over several batch-1 caches, for one decode step (T=1) of all of them.
+
+    The model sees B rows; row i reads and writes ``caches[i]``. Rows hold different numbers of
+    keys, so ``update`` returns them stacked and zero-padded to the longest (S), and the layout's
+    ``key_valid`` (B, S) marks each row's real keys. Each row's own cache already resolved which
+    of its slots the new query may see (a rolling buffer only holds the window), so the shared
+    ``key_index``/``query_index`` are all zeros: every valid key passes the causal and window tests
+    and the mask reduces to ``key_valid``.
+    """
+
+    def __init__(self, caches: Sequence[KVCache]) -> None:
+        self.caches = list(caches)
+        self.window = self.caches[0].window
+        self.batch_size = len(self.caches)
+        self._lengths: list[int] = []
+
+    @property
+    def row_positions(self) -> torch.Tensor:
+        return torch.cat([c.row_positions for c in self.caches])
+
+    @property
+    def seen(self) -> int:
+        return max(c.seen for c in self.caches)
+
+    def begin(self, new_valid: torch.Tensor | None, num_new: int) -> StepLayout:
+        if num_new != 1 or (new_valid is not None and not bool(new_valid.all())):
+            raise ValueError("RaggedDecodeView decodes one unpadded token per row")
+        layouts = [c.begin(None, 1) for c in self.caches]
+        self._lengths = [lay.key_index.shape[0] for lay in layouts]
+        S = max(self._lengths)
+        device = layouts[0].key_index.device
+        key_valid = torch.zeros(self.batch_size, S, dtype=torch.bool, device=device)
+        for i, lay in enumerate(layouts):
+            key_valid[i, : self._lengths[i]] = lay.key_valid[0] & (lay.key_index >= 0)
+        zeros = torch.zeros(S, dtype=torch.long, device=device)
+        all_valid = len(set(self._lengths)) == 1 and bool(key_valid.all())
+        return StepLayout(zeros, key_valid, zeros[:1], all_valid)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, nkv, 1, hd) -> keys, values (B, nkv, S, hd), zeros past each row's length."""
+        rows = [c.update(layer, k[i : i + 1], v[i : i + 1]) for i, c in enumerate(self.caches)]
+        if len(set(self._lengths)) == 1:
+            return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+        S = max(self._lengths)
+        B, nkv, _, hd = k.shape
+        keys = k.new_zeros(B, nkv, S, hd)  # zeros, not garbage: a masked NaN would still poison p @ v
+        values = v.new_zeros(B, nkv, S, hd)
+        for i, (rk, rv) in enumerate(rows):
+            keys[i, :, : rk.shape[2]] = rk[0]
+            values[i, :, : rv.shape[2]] = rv[0]
+        return keys, values
+
+    def end(self) -> None:
+        for c in self.caches:
+            c.end()
+
+
+class Detokenizer:
+    """Turns a growing list of token ids into text deltas, honouring stop strings.
+
+    Text that could still become a stop string (a suffix that is a prefix of one) or that ends in an
+    incomplete UTF-8 character is held back until the next token decides it.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.sent = 0  # characters of the text already emitted
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """Append a token; returns (new text to emit, whether a stop string was hit)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        hits = [i for i in (text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop) if i >= 0]
+        if hits:
+            return self._take(text[: min(hits)]), True
+        hold = 1 if text.endswith("\ufffd") else 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), hold, -1):
+                if text.endswith(s[:n]):
+                    hold = n
+                    break
+        return self._take(text[: len(text) - hold]), False
+
+    def flush(self) -> str:
+        """The held-back text, once no more tokens will come."""
+        return self._take(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def _take(self, text: str) -> str:
+        new = text[self.sent :]
+        self.sent = max(self.sent, len(text))
+        return new
+
+
+@dataclass
+class _Active:
+    request: Request
+    cache: KVCache
+    generator: torch.Generator | None
+    detok: Detokenizer
+    last_token: int = -1
+    generated: int = 0
+
+
+class Engine:
+    """Owns the model and the thread that runs it. ``submit`` from any thread; ``start``/``stop`` once."""
+
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_context: int | None = None) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        config = model.config
+        self.max_context = min(max_context or config.max_position_embeddings, config.max_position_embeddings)
+        eos = set(config.eos_token_ids)
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_ids = eos
+        self._inbox: queue.Queue[Request | None] = queue.Queue()
+        self._waiting: deque[Request] = deque()
+        self._active: list[_Active] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0  # decode steps run; the batch size of each is in batch_sizes (for tests and stats)
+        self.batch_sizes: deque[int] = deque(maxlen=1024)
+
+    # -- control, from any thread ---------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="mixtral-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Cancel what is still queued or running (each gets a Failed event) and join the thread."""
+        self._stopping = True
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, request: Request) -> None:
+        if self._stopping:
+            raise RuntimeError("the engine is shutting down")
+        if len(request.prompt_ids) + request.max_tokens > self.max_context:
+            raise ValueError(f"prompt ({len(request.prompt_ids)}) + max_tokens ({request.max_tokens}) "
+                             f"exceeds the context of {self.max_context} tokens")
+        self._inbox.put(request)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._active)
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not self._stopping:
+                self._collect(block=not self._active and not self._waiting)
+                self._active = [a for a in self._active if not a.request.cancelled]
+                self._admit()
+                if self._active:
+                    self._decode()
+        self._collect(block=False)
+        for r in [a.request for a in self._active] + list(self._waiting):
+            _send(r, Failed("the server is shutting down"))
+        self._active, self._waiting = [], deque()
+
+    def _collect(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            while True:
+                if item is not None:
+                    self._waiting.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._active) < self.max_batch and not self._stopping:
+            request = self._waiting.popleft()
+            if request.cancelled:
+                continue
+            try:
+                self._prefill(request)
+            except Exception as e:  # a bad request must not take the server down
+                log.exception("prefill failed")
+                _send(request, Failed(f"prefill failed: {e}"))
+
+    def _prefill(self, request: Request) -> None:
+        model = self.model
+        n = len(request.prompt_ids)
+        cache = KVCache.for_model(model.config, 1, capacity=n + request.max_tokens, dtype=model.dtype,
+                                  device=model.device)
+        generator = None
+        if request.params.do_sample:
+            generator = torch.Generator(device=model.device)
+            if request.seed is not None:
+                generator.manual_seed(request.seed)
+            else:
+                generator.seed()
+        active = _Active(request, cache, generator, Detokenizer(self.tokenizer, request.stop))
+        ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=model.device)
+        logits = prefill(model, ids, None, cache)
+        token = int(next_token(logits, request.params, None, generator)[0])
+        if self._advance(active, token):
+            self._active.append(active)
+
+    def _decode(self) -> None:
+        batch = self._active
+        self.steps += 1
+        self.batch_sizes.append(len(batch))
+        tokens = torch.tensor([a.last_token for a in batch], dtype=torch.long, device=self.model.device)
+        try:
+            logits = decode_step(self.model, tokens, None, RaggedDecodeView([a.cache for a in batch]))
+            greedy = logits.argmax(dim=-1).tolist()
+            chosen = [g if not a.request.params.do_sample else
+                      int(next_token(logits[i : i + 1], a.request.params, None, a.generator)[0])
+                      for i, (a, g) in enumerate(zip(batch, greedy))]
+        except Exception as e:
+            log.exception("decode step failed")
+            for a in batch:
+                _send(a.request, Failed(f"decode failed: {e}"))
+            self._active = []
+            return
+        self._active = [a for a, t in zip(batch, chosen) if self._advance(a, t)]
+
+    def _advance(self, a: _Active, token: int) -> bool:
+        """Account one sampled token; emit its text; returns whether the request goes on."""
+        a.generated += 1
+        a.last_token = token
+        request = a.request
+        if token in self.eos_ids:
+            return self._finish(a, "stop")
+        text, hit_stop = a.detok.add(token)
+        if text:
+            _send(request, Delta(text))
+        if hit_stop:
+            return self._finish(a, "stop", flush=False)
+        if a.generated >= request.max_tokens:
+            return self._finish(a, "length")
+        return True
+
+    def _finish(self, a: _Active, reason: str, flush: bool = True) -> bool:
+        if flush and (rest := a.detok.flush()):
+            _send(a.request, Delta(rest))
+        _send(a.request, Finished(reason, len(a.request.prompt_ids), a.generated))
+        return False
+
+
+def _send(request: Request, event: Event) -> None:
+    try:
+        request.emit(event)
+    except Exception:  # the receiving side is gone (event loop closed): nothing left to tell
+        request.cancel()
+
+
+def wait_all(events: Sequence[Event]) -> tuple[str, Finished | Failed]:
+    """Join a finished request's events into (text, final event); a convenience for callers and tests."""
+    text = "".join(e.text for e in events if isinstance(e, Delta))
+    final = next(e for e in events if isinstance(e, (Finished, Failed)))
+    return text, final
+
+
+def run_to_completion(engine: Engine, requests: Sequence[Request], timeout: float = 60.0) -> list[list[Event]]:
+    """Submit requests to a started engine and block until each has finished (used by tests and bench)."""
+    done = threading.Semaphore(0)
+    events: list[list[Event]] = [[] for _ in requests]
+
+    def collector(i: int) -> Callable[[Event], None]:
+        def emit(event: Event) -> None:
+            events[i].append(event)
+            if not isinstance(event, Delta):
+                done.release()
+        return emit
+
+    for i, r in enumerate(requests):
+        r.emit = collector(i)
+        engine.submit(r)
+    deadline = time.monotonic() + timeout
+    for _ in requests:
+        if not done.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise TimeoutError("requests did not finish in time")
+    return events

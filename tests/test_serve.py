@@ -1,0 +1,297 @@
+"""The continuous-batching engine and the OpenAI-compatible server, driven by the official openai client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from serve_helpers import free_port, tiny_checkpoint
+
+from mixtral import MixtralForCausalLM, Tokenizer
+from mixtral.generation import SamplingParams
+from mixtral.serve.engine import Detokenizer, Engine, Request, run_to_completion, wait_all
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+MODEL = "tiny-mixtral"
+LONG = "the cat sat on the mat"  # this checkpoint's greedy continuation of it has no EOS for 600+ tokens
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("serve") / "model", max_position_embeddings=1024)
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    return MixtralForCausalLM.from_pretrained(checkpoint).eval(), Tokenizer.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def server(loaded):
+    """The app on a free loopback port, uvicorn in a background thread."""
+    from mixtral.serve.server import create_app
+
+    model, tok = loaded
+    engine = Engine(model, tok, max_batch=8)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(engine, MODEL), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}", engine
+    srv.should_exit = True
+    thread.join(15)
+    assert not engine._thread.is_alive()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def reference(loaded, prompt_ids: list[int], max_tokens: int) -> tuple[str, str, int]:
+    """Greedy text, finish reason and token count from ``generate`` (batch 1, no server)."""
+    model, tok = loaded
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens)[0, len(prompt_ids):].tolist()
+    reason = "stop" if out[-1] == tok.eos_token_id else "length"
+    return tok.decode(out, skip_special_tokens=True), reason, len(out)
+
+
+def chat_ids(loaded, text: str) -> list[int]:
+    return loaded[1].apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+
+
+# -- engine ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("window", [None, 5])
+def test_engine_batched_greedy_matches_generate(tmp_path, window):
+    """Ragged rows (different prompt lengths, joining at different steps) decode as each would alone;
+    with a sliding window the per-request caches roll."""
+    d = tiny_checkpoint(tmp_path / "m", sliding_window=window)
+    model, tok = MixtralForCausalLM.from_pretrained(d).eval(), Tokenizer.from_pretrained(d)
+    prompts = [tok.encode(t) for t in ["hello", "one two three four five six seven", "a big red fox jumps over"]]
+    engine = Engine(model, tok, max_batch=2)  # the third request waits, then joins mid-flight
+    engine.start()
+    try:
+        results = [wait_all(ev) for ev in run_to_completion(engine, [Request(p, 12) for p in prompts])]
+    finally:
+        engine.stop()
+    assert max(engine.batch_sizes) == 2
+    for p, (text, final) in zip(prompts, results):
+        ref_text, ref_reason, n = reference((model, tok), p, 12)
+        assert (text, final.reason, final.completion_tokens) == (ref_text, ref_reason, n)
+
+
+def test_detokenizer_holds_back_possible_stop_strings(loaded):
+    tok = loaded[1]
+    ids = [tok.convert_tokens_to_ids(w) for w in "the cat sat on".split()]
+    d = Detokenizer(tok, ["cat sat"])
+    assert d.add(ids[0]) == ("the", False)
+    assert d.add(ids[1]) == (" ", False)  # "cat" may begin "cat sat": held back
+    assert d.add(ids[2]) == ("", True)
+    d = Detokenizer(tok, ["cat dog"])
+    pieces = [d.add(i)[0] for i in ids] + [d.flush()]
+    assert "".join(pieces) == "the cat sat on"
+
+
+def test_seeded_sampling_is_reproducible_beside_others(server, loaded):
+    engine = server[1]
+    ids = chat_ids(loaded, "hello")
+    params = SamplingParams(do_sample=True, temperature=0.9, top_p=0.95)
+    alone = wait_all(run_to_completion(engine, [Request(ids, 16, params, seed=7)])[0])
+    others = [Request(chat_ids(loaded, "hi"), 16, params, seed=s) for s in range(3)]
+    beside = run_to_completion(engine, [*others, Request(ids, 16, params, seed=7)])
+    assert wait_all(beside[-1]) == alone
+
+
+# -- HTTP ----------------------------------------------------------------------------------------------------
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    r = httpx.get(server[0] + "/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_chat_completion(client, loaded):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello how are you"}],
+                                       max_tokens=10, temperature=0)
+    text, reason, n = reference(loaded, chat_ids(loaded, "hello how are you"), 10)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == MODEL and r.created > 0
+    assert r.choices[0].message.role == "assistant"
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (text, reason)
+    prompt_len = len(chat_ids(loaded, "hello how are you"))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (prompt_len, n, prompt_len + n)
+
+
+def test_streamed_chat_concatenates_to_greedy_text(client):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "what is your name"}], max_tokens=30, temperature=0)
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert len(pieces) > 3 and "".join(pieces) == full.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [full.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_sse_wire_format_ends_with_done(server):
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 4, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server[0] + "/v1/completions", json=body, timeout=30) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert {c["object"] for c in chunks} == {"text_completion"}
+
+
+def test_completion_with_stop(client, loaded):
+    full = client.completions.create(model=MODEL, prompt=LONG, max_tokens=12, temperature=0)
+    words = full.choices[0].text.split()
+    assert full.object == "text_completion" and full.choices[0].finish_reason == "length" and len(words) > 6
+    stop = " ".join(words[4:6])
+    expected = full.choices[0].text[: full.choices[0].text.index(stop)]
+    r = client.completions.create(model=MODEL, prompt=LONG, max_tokens=12, temperature=0, stop=["zzz", stop])
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (expected, "stop")
+    assert r.usage.completion_tokens < full.usage.completion_tokens
+    streamed = client.completions.create(model=MODEL, prompt=LONG, max_tokens=12, temperature=0, stop=stop,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == expected
+
+
+def test_eight_concurrent_greedy_requests_match_alone(client, server, loaded):
+    prompts = ["hello", "hi", "what is your name", "how are you", "one two three", "the big dog",
+               "red blue green", "i am fine thanks"]
+    refs = [reference(loaded, chat_ids(loaded, p), 24)[0] for p in prompts]
+    engine = server[1]
+    engine.batch_sizes.clear()
+
+    def ask(p: str) -> str:
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}], max_tokens=24,
+                                           temperature=0)
+        return r.choices[0].message.content
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(ask, prompts))
+    assert got == refs
+    assert max(engine.batch_sizes) > 1  # they really ran beside each other
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b'{"model": "tiny-mixtral", "messages": [', 400, None),  # malformed JSON
+    ({"model": MODEL, "messages": "hello"}, 400, "messages"),  # a field of the wrong type
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "the " * 1100}]}, 400, "messages"),
+])
+def test_bad_requests_get_openai_errors(server, body, status, param):
+    if isinstance(body, bytes):
+        kw = {"content": body, "headers": {"content-type": "application/json"}}
+    else:
+        kw = {"json": body}
+    r = httpx.post(server[0] + "/v1/chat/completions", timeout=30, **kw)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert err["message"] and err["type"] == "invalid_request_error" and err["param"] == param
+    assert httpx.get(server[0] + "/health").status_code == 200
+
+
+def test_openai_client_raises_on_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model=MODEL, prompt="hi " * 1100, max_tokens=2)
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2, temperature=0).choices[0].text
+
+
+def test_dropped_stream_frees_its_slot(server, client, loaded):
+    base, engine = server
+    ref = reference(loaded, chat_ids(loaded, "hi"), 40)[0]
+    body = {"model": MODEL, "prompt": LONG, "max_tokens": 600, "temperature": 0, "stream": True}
+    other: list[str] = []
+
+    def keep_going():
+        other.append(client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=40, temperature=0,
+        ).choices[0].message.content)
+
+    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        next(lines), next(lines)
+        worker = threading.Thread(target=keep_going)
+        worker.start()
+        time.sleep(0.05)
+    steps = engine.steps
+    deadline = time.monotonic() + 10
+    worker.join(10)
+    while engine.num_active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.num_active == 0 and engine.steps - steps < 400  # dropped long before its 600 tokens
+    assert other == [ref]
+
+
+def test_serve_command_shuts_down_cleanly_on_sigterm(checkpoint):
+    """`mixtral serve` in a subprocess: SIGTERM mid-stream lets the stream finish, then exits 0."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mixtral.cli", "serve", "--model", str(checkpoint), "--port", str(port),
+         "--threads", "1", "--served-model-name", MODEL],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        body = {"model": MODEL, "prompt": LONG, "max_tokens": 200, "temperature": 0, "stream": True}
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            next(lines)
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_load_benchmark_script(server, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "load.py"
+    spec = importlib.util.spec_from_file_location("load_bench", path)
+    load = importlib.util.module_from_spec(spec)
+    sys.modules["load_bench"] = load  # dataclasses look their module up there
+    spec.loader.exec_module(load)
+    out = tmp_path / "load.json"
+    assert load.main(["--base-url", server[0], "--clients", "4", "--requests", "6", "--max-tokens", "6",
+                      "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["requests"] == 6 and report["errors"] == 0 and report["output_tokens_per_s"] > 0
+    assert report["ttft_p50_ms"] <= report["ttft_p99_ms"]
+    assert "requests/s" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        load.main(["--base-url", "http://example.com:8000"])
