@@ -114,7 +114,27 @@ def experts_grouped(
     return out.to(x.dtype)
 
 
-EXPERT_IMPLEMENTATIONS = {"reference": experts_reference, "grouped": experts_grouped}
+def experts_triton(x, ids, weights, gate_up_proj, down_proj, act=F.silu) -> torch.Tensor:
+    """The fused Triton kernel (``mixtral.kernels.fused_moe``), imported on first use: CPU installs need
+    no Triton. SiLU experts only; no host synchronisation, so it can be captured in a CUDA graph."""
+    from .kernels.fused_moe import fused_experts
+
+    return fused_experts(x, ids, weights, gate_up_proj, down_proj, act)
+
+
+EXPERT_IMPLEMENTATIONS = {
+    "reference": experts_reference, "grouped": experts_grouped, "triton": experts_triton,
+}
+
+
+def default_implementation(x: torch.Tensor, act) -> str:
+    """The Triton kernel for SiLU experts on CUDA without autograd (it has no backward) when Triton
+    is installed; otherwise "grouped". So on a GPU, run inference under ``torch.inference_mode()``."""
+    if not x.is_cuda or act is not F.silu or torch.is_grad_enabled():
+        return "grouped"
+    from .kernels import triton_available
+
+    return "triton" if triton_available() else "grouped"
 
 
 class Experts(nn.Module):
@@ -125,14 +145,15 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.act = ACT_FNS[hidden_act]
-        self.implementation = "grouped"
+        self.implementation = "auto"  # or a key of EXPERT_IMPLEMENTATIONS
 
     @property
     def num_experts(self) -> int:
         return self.gate_up_proj.shape[0]
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        fn = EXPERT_IMPLEMENTATIONS[self.implementation]
+        name = default_implementation(x, self.act) if self.implementation == "auto" else self.implementation
+        fn = EXPERT_IMPLEMENTATIONS[name]
         return fn(x, ids, weights, self.gate_up_proj, self.down_proj, self.act)
 
 

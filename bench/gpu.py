@@ -1,0 +1,300 @@
+"""Mixtral-8x7B on one GPU: our decode/prefill against the card's own ceilings and transformers.
+
+    python bench/gpu.py                 # everything, ~5 min on an H100/H200; table + JSON
+    python bench/gpu.py --quick         # fewer steps and batch sizes (a smoke run)
+    python bench/gpu.py --tune          # also time candidate block sizes for the fused MoE
+    python bench/gpu.py --json out.json # write the results ($OUT/gpu_bench.json by default if $OUT is set)
+
+What it does, in one process:
+1. Ceilings: copy bandwidth (a 4 GiB device-to-device copy; read + write bytes) and the bf16
+   matmul rate (8192^3). Every later figure is stated as a fraction of these two.
+2. Builds Mixtral-8x7B-shaped weights directly on the device (random, std 0.02; no checkpoint).
+   Format: bf16 when the card holds the 93 GB (H200), else int8 weight-only experts (47 GB) with
+   bf16 attention -- the format is printed in the table.
+3. Decode: prefill a 128-token prompt, then time graph-replayed decode steps (``GraphDecoder``)
+   at batch 1/8/32/64. Roofline for a step = bytes that must be read (attention + lm_head weights,
+   the experts actually routed to in each layer -- counted with a hook in one eager step -- and the
+   KV cache) / copy bandwidth.
+4. Prefill of 4096 tokens at batch 1: FLOPs of the expert and attention products / time, against
+   the measured matmul rate.
+5. transformers' MixtralForCausalLM (its default experts path, bf16, eager decode with its cache)
+   with a reduced layer count beside ours with the same layer count, compared per layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from mixtral import MixtralConfig, MixtralForCausalLM
+from mixtral.cache import KVCache
+from mixtral.kernels.cuda_graph import GraphDecoder, StaticCache
+from mixtral.kernels.fused_moe import Int8Experts, fused_experts
+from mixtral.kernels.moe_configs import MoeConfig
+
+GiB = 1 << 30
+
+
+def cuda_time(fn, iters: int, warmup: int = 2) -> float:
+    """Mean seconds per call, by CUDA events around ``iters`` calls."""
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 4 GiB: bytes read + written per second."""
+    src = torch.empty(4 * GiB, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / cuda_time(lambda: dst.copy_(src), 10)
+
+
+def matmul_rate(n: int = 8192) -> float:
+    """bf16 (n x n) @ (n x n): FLOP/s."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    return 2 * n**3 / cuda_time(lambda: a @ b, 20)
+
+
+def build_model(config: MixtralConfig, fmt: str) -> MixtralForCausalLM:
+    """Random Mixtral on the device, nothing on the host: meta construction, then fill in place."""
+    with torch.device("meta"):
+        model = MixtralForCausalLM(config)
+        if fmt == "int8":
+            E, H, I = config.num_local_experts, config.hidden_size, config.intermediate_size
+            for layer in model.model.layers:
+                layer.mlp.experts = Int8Experts(
+                    torch.empty(E, 2 * I, H, dtype=torch.int8), torch.empty(E, 2 * I),
+                    torch.empty(E, H, I, dtype=torch.int8), torch.empty(E, H),
+                )
+        for param in model.parameters():  # bf16 before allocating (fp32 Mixtral would be 187 GB)
+            param.data = param.data.to(torch.bfloat16)
+    model = model.to_empty(device="cuda")
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.dtype == torch.int8:
+                t.random_(-127, 128)
+            elif name.endswith("_scale"):
+                t.fill_(0.02 / 73.3)  # uniform int8 has std ~73.3: weights of std ~0.02
+            elif "norm" in name:
+                t.fill_(1.0)
+            else:
+                t.normal_(0, 0.02)
+    model.model.reset_rotary("cuda")
+    return model.eval()
+
+
+def weight_bytes(model) -> tuple[int, int]:
+    """(bytes of expert weights per expert per layer, bytes of everything else read per token)."""
+    layer = model.model.layers[0]
+    experts = layer.mlp.experts
+    per_expert = sum(t.numel() * t.element_size() for t in
+                     list(experts.parameters()) + list(experts.buffers())) // experts.num_experts
+    total_experts = per_expert * experts.num_experts * len(model.model.layers)
+    everything = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    embed = model.model.embed_tokens.weight
+    other = everything - total_experts - embed.numel() * embed.element_size()  # one embedding row read
+    return per_expert, other
+
+
+def experts_read(model, tokens: torch.Tensor, cache: KVCache) -> int:
+    """Distinct experts routed to, summed over layers, in one eager decode step (a hook, with syncs)."""
+    counts = []
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o: counts.append(o[2].unique().numel()))
+             for layer in model.model.layers]
+    model(input_ids=tokens[:, None], past_key_values=cache, use_cache=True)
+    for h in hooks:
+        h.remove()
+    return sum(counts)
+
+
+def bench_decode(model, batch: int, prompt: int, steps: int, bw: float) -> dict:
+    config = model.config
+    capacity = prompt + steps + 8
+    ids = torch.randint(0, config.vocab_size, (batch, prompt), device="cuda")
+    static = StaticCache(config, batch, capacity, torch.bfloat16, "cuda")
+    t0 = time.perf_counter()
+    decoder = GraphDecoder(model, static)
+    capture_s = time.perf_counter() - t0
+    cache = KVCache.for_model(config, batch, capacity=capacity, dtype=torch.bfloat16, device="cuda")
+    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    tok = logits.argmax(-1)
+    static.load(cache)
+    read = experts_read(model, tok, cache)  # advances the eager cache only
+    per_expert, other = weight_bytes(model)
+    kv_bytes = sum(t.numel() * t.element_size() for t in static.k + static.v)
+    step_bytes = other + read * per_expert + kv_bytes
+    state = {"tok": tok}
+
+    def step():
+        state["tok"] = decoder.step(state["tok"])
+
+    sec = cuda_time(step, steps, warmup=3)
+    tok_s = batch / sec
+    roof = batch * bw / step_bytes
+    return dict(batch=batch, step_ms=sec * 1e3, tok_s=tok_s, roofline_tok_s=roof, pct_roofline=100 * tok_s / roof,
+                experts_read_per_layer=read / len(model.model.layers), step_gb=step_bytes / 1e9,
+                capture_s=capture_s)
+
+
+def bench_prefill(model, T: int, flops_rate: float) -> dict:
+    config = model.config
+    ids = torch.randint(0, config.vocab_size, (1, T), device="cuda")
+
+    def run():
+        cache = KVCache.for_model(config, 1, capacity=T, dtype=torch.bfloat16, device="cuda")
+        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+    sec = cuda_time(run, 3, warmup=1)
+    H, I, L, K = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_experts_per_tok
+    nh, nkv, hd = config.num_attention_heads, config.num_key_value_heads, config.dim_per_head
+    expert = T * K * 2 * (H * 2 * I + I * H)
+    proj = T * 2 * H * (nh * hd + 2 * nkv * hd + nh * hd)
+    span = T if config.sliding_window is None else min(T, config.sliding_window)
+    scores = 2 * 2 * nh * hd * T * span / 2  # QK^T and PV, causal half
+    flops = L * (expert + proj + scores)
+    return dict(tokens=T, seconds=sec, tok_s=T / sec, tflops=flops / sec / 1e12,
+                pct_matmul=100 * flops / sec / flops_rate)
+
+
+def transformers_step_seconds(layers: int, batch: int, steps: int) -> float | None:
+    """transformers' MixtralForCausalLM (default experts path), bf16, eager decode with its cache."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    hcfg = transformers.MixtralConfig(num_hidden_layers=layers)
+    with torch.device("cuda"):
+        hm = transformers.MixtralForCausalLM(hcfg).to(torch.bfloat16).eval()
+    ids = torch.randint(0, hcfg.vocab_size, (batch, 128), device="cuda")
+    out = hm(input_ids=ids, use_cache=True)
+    state = {"tok": out.logits[:, -1].argmax(-1), "cache": out.past_key_values}
+
+    def step():
+        o = hm(input_ids=state["tok"][:, None], past_key_values=state["cache"], use_cache=True)
+        state["tok"] = o.logits[:, -1].argmax(-1)
+
+    return cuda_time(step, steps)
+
+
+def bench_transformers(layers: int, batch: int, steps: int) -> dict | None:
+    """Per-layer decode time: transformers (eager) beside ours (bf16, same layer count, graph)."""
+    hf_sec = transformers_step_seconds(layers, batch, steps)
+    if hf_sec is None:
+        return None
+    torch.cuda.empty_cache()
+    ours = build_model(MixtralConfig(num_hidden_layers=layers), "bf16")
+    ours_sec = bench_decode(ours, batch, 128, steps, 1.0)["step_ms"] / 1e3
+    return dict(layers=layers, batch=batch, hf_ms_per_layer=hf_sec * 1e3 / layers,
+                ours_ms_per_layer=ours_sec * 1e3 / layers, speedup=hf_sec / ours_sec)
+
+
+def tune(fmt: str) -> list[dict]:
+    """Time candidate block sizes for one layer's bf16 experts; prints the best per token count."""
+    E, H, I = 8, 4096, 14336
+    w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) * 0.02
+    w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) * 0.02
+    candidates = [MoeConfig(m, n, k, w, s) for m in (16, 32, 64) for n in (32, 64, 128) for k in (64, 128, 256)
+                  for w in (4, 8) for s in (3, 4)]
+    rows = []
+    for N in (1, 8, 32, 64, 4096):
+        x = torch.randn(N, H, device="cuda", dtype=torch.bfloat16)
+        ids = torch.rand(N, E, device="cuda").topk(2, dim=-1).indices
+        w = torch.full((N, 2), 0.5, device="cuda")
+        best = None
+        for c in candidates:
+            if N <= 64 and c.block_m > 16 or N > 64 and c.block_m == 16:
+                continue
+            try:
+                sec = cuda_time(lambda c=c, x=x, ids=ids, w=w: fused_experts(x, ids, w, w13, w2, config=c), 10)
+            except Exception as exc:  # e.g. out of shared memory for a large tile
+                print(f"  skip {c}: {type(exc).__name__}")
+                continue
+            if best is None or sec < best[0]:
+                best = (sec, c)
+        rows.append(dict(tokens=N, best=best[1]._asdict(), us=best[0] * 1e6))
+        print(f"tune N={N}: {best[1]} {best[0] * 1e6:.1f} us/layer")
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--tune", action="store_true")
+    p.add_argument("--format", choices=("auto", "bf16", "int8"), default="auto")
+    p.add_argument("--layers", type=int, default=32, help="layers of our full model (32 = Mixtral-8x7B)")
+    p.add_argument("--hf-layers", type=int, default=2)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/gpu.py needs a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    props = torch.cuda.get_device_properties(0)
+    fmt = args.format
+    if fmt == "auto":
+        fmt = "bf16" if props.total_memory > 120 * GiB else "int8"
+    results: dict = dict(device=props.name, memory_gib=props.total_memory / GiB, format=fmt,
+                         torch=torch.__version__)
+    import triton
+
+    results["triton"] = triton.__version__
+    bw, mm = copy_bandwidth(), matmul_rate()
+    torch.cuda.empty_cache()
+    results.update(copy_gb_s=bw / 1e9, bf16_tflops=mm / 1e12)
+    print(f"{props.name}: copy {bw / 1e9:.0f} GB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s, format {fmt}")
+
+    if args.tune:
+        results["tune"] = tune(fmt)
+        torch.cuda.empty_cache()
+
+    with torch.inference_mode():
+        if not args.quick:
+            results["transformers"] = bench_transformers(args.hf_layers, 1, 16)
+            print("transformers vs ours, per layer:", results["transformers"])
+        model = build_model(MixtralConfig(num_hidden_layers=args.layers), fmt)
+        results["weights_gb"] = sum(t.numel() * t.element_size()
+                                    for t in list(model.parameters()) + list(model.buffers())) / 1e9
+        batches = (1, 8) if args.quick else (1, 8, 32, 64)
+        results["decode"] = []
+        for b in batches:
+            r = bench_decode(model, b, 128, 16 if args.quick else 64, bw)
+            results["decode"].append(r)
+            print(f"decode b={b}: {r['tok_s']:.1f} tok/s, {r['pct_roofline']:.0f}% of {r['roofline_tok_s']:.1f}")
+        torch.cuda.empty_cache()
+        results["prefill"] = bench_prefill(model, 1024 if args.quick else 4096, mm)
+        print("prefill:", results["prefill"])
+
+    print()
+    print(f"| {props.name} | {fmt} | {args.layers} layers | copy {bw / 1e9:.0f} GB/s | "
+          f"bf16 {mm / 1e12:.0f} TFLOP/s |")
+    print("| run | tok/s | roofline tok/s | % of roofline |")
+    print("|---|---:|---:|---:|")
+    for r in results["decode"]:
+        print(f"| decode batch {r['batch']} | {r['tok_s']:.1f} | {r['roofline_tok_s']:.1f} "
+              f"| {r['pct_roofline']:.0f}% |")
+    pf = results["prefill"]
+    print(f"| prefill {pf['tokens']} | {pf['tok_s']:.0f} | - | {pf['pct_matmul']:.0f}% of matmul rate |")
+    hf = results.get("transformers")
+    if hf:
+        print(f"| transformers ({hf['layers']} layers, bf16, batch 1) | {hf['hf_ms_per_layer']:.3f} ms/layer | "
+              f"ours {hf['ours_ms_per_layer']:.3f} ms/layer | {hf['speedup']:.1f}x |")
+    path = args.json or (os.path.join(os.environ["OUT"], "gpu_bench.json") if os.environ.get("OUT") else None)
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2)
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

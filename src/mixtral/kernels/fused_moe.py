@@ -1,0 +1,416 @@
+"""The fused MoE experts in Triton: three launches per layer, no host synchronisation.
+
+Same contract as ``mixtral.moe.experts_reference``::
+
+    x (N, H), ids (N, K), weights (N, K) fp32 -> y (N, H)
+    gate_up_proj (E, 2I, H): w1 rows then w3 rows;  down_proj (E, H, I)
+
+1. ``moe_align`` (one Triton program): the N*K token *slots* (slot s = token s // K, choice s % K)
+   are sorted by expert, stably, and each expert's run is padded to a multiple of BLOCK_M. Output:
+   ``sorted_slots`` (padding holds the sentinel N*K) and ``block_expert`` (the expert of each
+   BLOCK_M-row block, -1 for blocks past the end). Sizes come from an upper bound known on the host,
+   so nothing is read back: the kernels below skip the unused blocks themselves.
+   Worked example, K=2, ids=[[2,0],[0,1]], BLOCK_M=4: slots 0..3 have experts [2,0,0,1];
+   sorted_slots = [1,2,4,4 | 3,4,4,4 | 0,4,4,4], block_expert = [0, 1, 2, -1...].
+2. ``_gate_up`` (grouped GEMM, grid = blocks x I-tiles): gathers the tokens of a block, multiplies
+   by the expert's w1 and w3 tiles (two accumulators, one pass over H), writes silu(g) * u to an
+   intermediate of (padded slots, I) in *sorted* order, so step 3 reads contiguous rows.
+3. ``_down`` (grouped GEMM, grid = blocks x H-tiles): multiplies by w2, scales each row by its
+   routing weight, writes the slot's fp32 row to ``(N*K, H)``. The top-k sum is then a plain
+   ``view(N, K, H).sum(1)``: a fixed order, so results are bit-for-bit reproducible (an atomic-add
+   epilogue would not be).
+
+Int8 weight-only (``fused_experts_int8``): int8 weights with one fp32 scale per output channel.
+The weight tile is converted to the activation dtype inside the loop and the scale is applied
+once to the accumulator (a per-output-channel scale factors out of the sum over K).
+
+Performance notes (not yet measured, see docs/kernels.md): decode is memory bound, so the kernels
+are judged by bytes moved; a decode block holds one real row in 16 (tl.dot's minimum), which
+wastes tensor-core work that is free in that regime. Block sizes live in ``moe_configs``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import nn
+
+from .moe_configs import MoeConfig, get_config
+
+# The CPU interpreter (TRITON_INTERPRET=1) mis-computes tl.dot on bf16 operands and int8 -> bf16
+# casts; under it the products are done in fp32 instead. Compiled kernels keep bf16 tensor cores.
+_DOT_FP32 = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Sort slots by expert, padded to the block size.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _align_kernel(
+    ids_ptr, sorted_ptr, block_expert_ptr, num_slots, num_experts, max_padded,
+    BLOCK_M: tl.constexpr, EP: tl.constexpr, CHUNK: tl.constexpr,
+):
+    experts = tl.arange(0, EP)
+    counts = tl.zeros([EP], dtype=tl.int32)
+    for start in range(0, num_slots, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        e = tl.load(ids_ptr + offs, mask=offs < num_slots, other=-1).to(tl.int32)
+        counts += tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded
+
+    # Every padded position: its expert (how many runs end at or before it), and whether it is
+    # padding (past its expert's count) -> write the sentinel. Disjoint from the real positions
+    # written below, so no ordering between the two loops is needed.
+    for p0 in range(0, max_padded, CHUNK):
+        p = p0 + tl.arange(0, CHUNK)
+        ex = tl.sum((ends[None, :] <= p[:, None]).to(tl.int32), axis=1)
+        sel = experts[None, :] == ex[:, None]
+        start_of = tl.sum(tl.where(sel, starts[None, :], 0), axis=1)
+        count_of = tl.sum(tl.where(sel, counts[None, :], 0), axis=1)
+        is_pad = (ex >= num_experts) | (p - start_of >= count_of)
+        tl.store(sorted_ptr + p, tl.full([CHUNK], 0, tl.int32) + num_slots, mask=is_pad & (p < max_padded))
+        first_of_block = (p % BLOCK_M) == 0
+        block_ex = tl.where(ex < num_experts, ex, -1)
+        tl.store(block_expert_ptr + p // BLOCK_M, block_ex, mask=first_of_block & (p < max_padded))
+
+    # Real slots: position = start of the expert's run + rank among earlier slots of that expert.
+    seen = tl.zeros([EP], dtype=tl.int32)
+    for start in range(0, num_slots, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        e = tl.load(ids_ptr + offs, mask=offs < num_slots, other=-1).to(tl.int32)
+        onehot = (e[:, None] == experts[None, :]).to(tl.int32)  # (CHUNK, EP)
+        before = tl.cumsum(onehot, axis=0) - onehot  # earlier slots of the same expert in this chunk
+        dest = tl.sum(onehot * (before + seen[None, :] + starts[None, :]), axis=1)
+        tl.store(sorted_ptr + dest, offs.to(tl.int32), mask=offs < num_slots)
+        seen += tl.sum(onehot, axis=0)
+
+
+def padded_size(num_slots: int, num_experts: int, block_m: int) -> int:
+    """Upper bound on the padded length, from shapes alone (at most min(E, slots) runs are padded)."""
+    runs = min(num_experts, num_slots)
+    return triton.cdiv(num_slots + runs * (block_m - 1), block_m) * block_m
+
+
+def moe_align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (N, K) -> sorted_slots (P,) int32, block_expert (P / block_m,) int32. See the module doc."""
+    flat = ids.reshape(-1)
+    num_slots = flat.numel()
+    max_padded = padded_size(num_slots, num_experts, block_m)
+    sorted_slots = torch.empty(max_padded, dtype=torch.int32, device=ids.device)
+    block_expert = torch.empty(max_padded // block_m, dtype=torch.int32, device=ids.device)
+    ep = triton.next_power_of_2(num_experts)
+    chunk = max(16, min(1024, 8192 // ep))
+    _align_kernel[(1,)](flat, sorted_slots, block_expert, num_slots, num_experts, max_padded,
+                        BLOCK_M=block_m, EP=ep, CHUNK=chunk)
+    return sorted_slots, block_expert
+
+
+def moe_align_reference(ids: torch.Tensor, num_experts: int, block_m: int):
+    """The same layout in plain torch (host loop): the kernel's specification, for tests."""
+    flat = ids.reshape(-1).tolist()
+    num_slots = len(flat)
+    slots, experts = [], []
+    for e in range(num_experts):
+        run = [s for s, x in enumerate(flat) if x == e]
+        if not run:
+            continue
+        pad = -len(run) % block_m
+        slots += run + [num_slots] * pad
+        experts += [e] * ((len(run) + pad) // block_m)
+    max_padded = padded_size(num_slots, num_experts, block_m)
+    slots += [num_slots] * (max_padded - len(slots))
+    experts += [-1] * (max_padded // block_m - len(experts))
+    return torch.tensor(slots, dtype=torch.int32), torch.tensor(experts, dtype=torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2-3. Grouped GEMMs. Shared pieces first; one kernel per weight format.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _block_rows(sorted_ptr, pid_m, num_slots, BLOCK_M: tl.constexpr):
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # positions in sorted order
+    slot = tl.load(sorted_ptr + rows)
+    return rows, slot, slot < num_slots
+
+
+@triton.jit
+def _mma(a, w, acc, DOT_FP32: tl.constexpr):
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), w.to(tl.float32), acc)
+    return tl.dot(a, w.to(a.dtype), acc)
+
+
+@triton.jit
+def _gate_up_bf16(
+    x_ptr, w_ptr, h_ptr, sorted_ptr, block_expert_ptr,
+    num_slots, I, H, stride_xm, stride_we, stride_wn, stride_hm,
+    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if e < 0:
+        return
+    rows, slot, row_ok = _block_rows(sorted_ptr, pid_m, num_slots, BLOCK_M)
+    token = (slot // TOP_K).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < I
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :]
+    g_ptrs = w_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # (BK, BN)
+    u_ptrs = g_ptrs + I * stride_wn
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k_ok = offs_k < H - k0
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc_g = _mma(a, g, acc_g, DOT_FP32)
+        acc_u = _mma(a, u, acc_u, DOT_FP32)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _gate_up_int8(
+    x_ptr, w_ptr, scale_ptr, h_ptr, sorted_ptr, block_expert_ptr,
+    num_slots, I, H, stride_xm, stride_we, stride_wn, stride_se, stride_hm,
+    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if e < 0:
+        return
+    rows, slot, row_ok = _block_rows(sorted_ptr, pid_m, num_slots, BLOCK_M)
+    token = (slot // TOP_K).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < I
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :]
+    g_ptrs = w_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    u_ptrs = g_ptrs + I * stride_wn
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k_ok = offs_k < H - k0
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0).to(tl.float32)
+        u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0).to(tl.float32)
+        acc_g = _mma(a, g, acc_g, DOT_FP32)
+        acc_u = _mma(a, u, acc_u, DOT_FP32)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+    s_ptrs = scale_ptr + e * stride_se + offs_n
+    acc_g *= tl.load(s_ptrs, mask=n_ok, other=0.0)[None, :]
+    acc_u *= tl.load(s_ptrs + I, mask=n_ok, other=0.0)[None, :]
+    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _down_bf16(
+    h_ptr, w_ptr, y_ptr, rw_ptr, sorted_ptr, block_expert_ptr,
+    num_slots, H, I, stride_hm, stride_we, stride_wn, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if e < 0:
+        return
+    rows, slot, row_ok = _block_rows(sorted_ptr, pid_m, num_slots, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < H
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
+    w_ptrs = w_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        k_ok = offs_k < I - k0
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _mma(a, w, acc, DOT_FP32)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    acc *= tl.load(rw_ptr + slot, mask=row_ok, other=0.0)[:, None]
+    y_ptrs = y_ptr + slot[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _down_int8(
+    h_ptr, w_ptr, scale_ptr, y_ptr, rw_ptr, sorted_ptr, block_expert_ptr,
+    num_slots, H, I, stride_hm, stride_we, stride_wn, stride_se, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if e < 0:
+        return
+    rows, slot, row_ok = _block_rows(sorted_ptr, pid_m, num_slots, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < H
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
+    w_ptrs = w_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        k_ok = offs_k < I - k0
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0).to(tl.float32)
+        acc = _mma(a, w, acc, DOT_FP32)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    acc *= tl.load(scale_ptr + e * stride_se + offs_n, mask=n_ok, other=0.0)[None, :]
+    acc *= tl.load(rw_ptr + slot, mask=row_ok, other=0.0)[:, None]
+    y_ptrs = y_ptr + slot[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------
+def _check(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor):
+    N, H = x.shape
+    E, two_i, H2 = w13.shape
+    if H2 != H or w2.shape != (E, H, two_i // 2):
+        raise ValueError(f"expert shapes do not match: x {tuple(x.shape)}, gate_up {tuple(w13.shape)}, "
+                         f"down {tuple(w2.shape)}")
+    if ids.shape != weights.shape or ids.shape[0] != N:
+        raise ValueError(f"ids {tuple(ids.shape)} and weights {tuple(weights.shape)} must both be (N, K)")
+    if x.stride(-1) != 1 or w13.stride(-1) != 1 or w2.stride(-1) != 1:
+        raise ValueError("x and expert weights must be contiguous in their last dimension")
+
+
+def _configs(fmt: str, N: int, K: int, E: int, I: int, H: int, config):
+    if config is not None:
+        return config, config
+    return (get_config("gate_up", fmt, N, K, E, 2 * I, H), get_config("down", fmt, N, K, E, H, I))
+
+
+def fused_experts(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    act=F.silu,
+    config: MoeConfig | None = None,
+) -> torch.Tensor:
+    """The experts' common signature on the Triton kernels (SiLU experts only)."""
+    if act is not F.silu:
+        raise NotImplementedError("the fused MoE kernel implements SiLU experts only")
+    _check(x, ids, weights, gate_up_proj, down_proj)
+    N, H = x.shape
+    E, I, K = gate_up_proj.shape[0], down_proj.shape[-1], ids.shape[1]
+    cfg_up, cfg_down = _configs("bf16", N, K, E, I, H, config)
+    y = _run(x, ids, weights, E, I, cfg_up, cfg_down,
+             lambda h, so, be, grid, c: _gate_up_bf16[grid](
+                 x, gate_up_proj, h, so, be, N * K, I, H, x.stride(0), gate_up_proj.stride(0),
+                 gate_up_proj.stride(1), h.stride(0), TOP_K=K, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                 BLOCK_K=c.block_k, DOT_FP32=_DOT_FP32, num_warps=c.num_warps, num_stages=c.num_stages),
+             lambda h, y, rw, so, be, grid, c: _down_bf16[grid](
+                 h, down_proj, y, rw, so, be, N * K, H, I, h.stride(0), down_proj.stride(0),
+                 down_proj.stride(1), y.stride(0), BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+                 DOT_FP32=_DOT_FP32, num_warps=c.num_warps, num_stages=c.num_stages))
+    return y
+
+
+def fused_experts_int8(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_q: torch.Tensor,
+    gate_up_scale: torch.Tensor,
+    down_q: torch.Tensor,
+    down_scale: torch.Tensor,
+    config: MoeConfig | None = None,
+) -> torch.Tensor:
+    """Int8 weight-only experts: ``*_q`` int8 (E, N, K), ``*_scale`` fp32 (E, N), w = q * scale."""
+    _check(x, ids, weights, gate_up_q, down_q)
+    N, H = x.shape
+    E, I, K = gate_up_q.shape[0], down_q.shape[-1], ids.shape[1]
+    gs, ds = gate_up_scale.float().contiguous(), down_scale.float().contiguous()
+    cfg_up, cfg_down = _configs("int8", N, K, E, I, H, config)
+    return _run(x, ids, weights, E, I, cfg_up, cfg_down,
+                lambda h, so, be, grid, c: _gate_up_int8[grid](
+                    x, gate_up_q, gs, h, so, be, N * K, I, H, x.stride(0), gate_up_q.stride(0),
+                    gate_up_q.stride(1), gs.stride(0), h.stride(0), TOP_K=K, BLOCK_M=c.block_m,
+                    BLOCK_N=c.block_n, BLOCK_K=c.block_k, DOT_FP32=_DOT_FP32, num_warps=c.num_warps,
+                    num_stages=c.num_stages),
+                lambda h, y, rw, so, be, grid, c: _down_int8[grid](
+                    h, down_q, ds, y, rw, so, be, N * K, H, I, h.stride(0), down_q.stride(0),
+                    down_q.stride(1), ds.stride(0), y.stride(0), BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                    BLOCK_K=c.block_k, DOT_FP32=_DOT_FP32, num_warps=c.num_warps,
+                    num_stages=c.num_stages))
+
+
+def _run(x, ids, weights, E, I, cfg_up, cfg_down, launch_up, launch_down) -> torch.Tensor:
+    N, H = x.shape
+    K = ids.shape[1]
+    # Both GEMMs walk the same sorted layout, so they share one block_m (the gate_up config's).
+    block_m = cfg_up.block_m
+    cfg_down = cfg_down._replace(block_m=block_m)
+    sorted_slots, block_expert = moe_align(ids, E, block_m)
+    blocks = block_expert.numel()
+    h = torch.empty(sorted_slots.numel(), I, dtype=x.dtype, device=x.device)  # sorted order
+    launch_up(h, sorted_slots, block_expert, (blocks, triton.cdiv(I, cfg_up.block_n)), cfg_up)
+    y = torch.empty(N * K, H, dtype=torch.float32, device=x.device)  # slot order
+    rw = weights.reshape(-1).float().contiguous()
+    launch_down(h, y, rw, sorted_slots, block_expert, (blocks, triton.cdiv(H, cfg_down.block_n)), cfg_down)
+    return y.view(N, K, H).sum(dim=1).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Int8 weights
+# ---------------------------------------------------------------------------------------------
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: w (E, N, K) -> q int8 (E, N, K), scale fp32 (E, N)."""
+    amax = w.float().abs().amax(dim=-1).clamp(min=1e-8)
+    scale = amax / 127.0
+    q = torch.round(w.float() / scale[..., None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.float() * scale[..., None]).to(dtype)
+
+
+class Int8Experts(nn.Module):
+    """Experts holding int8 weights with per-channel scales; forward runs the int8 kernel.
+
+    Buffers, not parameters: nothing here trains. ``from_experts`` quantizes an ``Experts`` module.
+    """
+
+    def __init__(self, gate_up_q, gate_up_scale, down_q, down_scale) -> None:
+        super().__init__()
+        self.register_buffer("gate_up_q", gate_up_q)
+        self.register_buffer("gate_up_scale", gate_up_scale)
+        self.register_buffer("down_q", down_q)
+        self.register_buffer("down_scale", down_scale)
+
+    @classmethod
+    def from_experts(cls, experts: nn.Module) -> Int8Experts:
+        with torch.no_grad():
+            return cls(*quantize_int8(experts.gate_up_proj), *quantize_int8(experts.down_proj))
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up_q.shape[0]
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return fused_experts_int8(x, ids, weights, self.gate_up_q, self.gate_up_scale, self.down_q,
+                                  self.down_scale)

@@ -1,0 +1,68 @@
+"""Block sizes for the fused MoE kernels, kept as data.
+
+Keyed by ``(kernel, weight format, tokens bucket, E, N, K)`` where N and K are the product's output
+and reduction sizes (gate_up: N = 2I, K = H; down: N = H, K = I) and the tokens bucket is the
+smallest power of two >= the number of tokens in the call. A missing key falls back to
+``default_config``; ``bench/gpu.py --tune`` measures candidates on the card and prints entries to
+paste here.
+
+Status: the entries below are *starting points chosen by reasoning, not measured* (the session that
+wrote them had no GPU). Decode (few tokens) is memory bound: one 16-row tile per expert, narrow N
+tiles so the weights are streamed by many programs at once. Prefill is compute bound: 64-128 row
+tiles and wide N tiles for tensor-core reuse.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class MoeConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# Mixtral-8x7B: E=8, H=4096, I=14336.
+_MIXTRAL_8X7B = {
+    # (kernel, format, bucket): config
+    ("gate_up", "bf16", 1): MoeConfig(16, 64, 128, 4, 4),
+    ("down", "bf16", 1): MoeConfig(16, 32, 256, 4, 4),
+    ("gate_up", "int8", 1): MoeConfig(16, 64, 256, 4, 4),
+    ("down", "int8", 1): MoeConfig(16, 32, 256, 4, 4),
+    ("gate_up", "bf16", 64): MoeConfig(16, 64, 128, 4, 4),
+    ("down", "bf16", 64): MoeConfig(16, 64, 128, 4, 4),
+    ("gate_up", "bf16", 4096): MoeConfig(64, 128, 64, 8, 4),
+    ("down", "bf16", 4096): MoeConfig(64, 128, 64, 8, 4),
+}
+
+CONFIGS: dict[tuple[str, str, int, int, int, int], MoeConfig] = {}
+for (_kernel, _fmt, _bucket), _cfg in _MIXTRAL_8X7B.items():
+    _n, _k = (2 * 14336, 4096) if _kernel == "gate_up" else (4096, 14336)
+    CONFIGS[(_kernel, _fmt, _bucket, 8, _n, _k)] = _cfg
+
+
+def tokens_bucket(num_tokens: int) -> int:
+    return 1 << max(0, (num_tokens - 1).bit_length())
+
+
+def default_config(num_tokens: int, top_k: int, num_experts: int) -> MoeConfig:
+    """Heuristic: rows per expert decide whether a call is memory bound (decode) or compute bound."""
+    rows_per_expert = num_tokens * top_k / num_experts
+    if rows_per_expert <= 16:
+        return MoeConfig(16, 64, 128, 4, 4)
+    if rows_per_expert <= 128:
+        return MoeConfig(32, 64, 64, 4, 4)
+    return MoeConfig(64, 128, 64, 8, 4)
+
+
+def get_config(kernel: str, fmt: str, num_tokens: int, top_k: int, E: int, N: int, K: int) -> MoeConfig:
+    """The table's entry whose tokens bucket is nearest ``num_tokens`` (in powers of two)."""
+    key = (kernel, fmt, E, N, K)
+    entries = {b: c for (kn, f, b, e, n, k), c in CONFIGS.items() if (kn, f, e, n, k) == key}
+    if not entries:
+        return default_config(num_tokens, top_k, E)
+    want = tokens_bucket(num_tokens).bit_length()
+    return entries[min(entries, key=lambda b: (abs(b.bit_length() - want), b))]

@@ -1,0 +1,242 @@
+"""GPU kernels against the plain torch definitions, on odd sizes.
+
+Without CUDA the Triton kernels run under the interpreter (TRITON_INTERPRET=1, set here before
+Triton is imported): slow, so sizes are small, but every index computation, mask and padding rule
+is exercised. Tests that need a real GPU (compiled kernels, CUDA graphs) skip without one.
+
+Tolerances: fp32 kernels vs the fp32 reference 1e-4 (reordered sums only); bf16 kernels vs the
+bf16 reference 3e-2 relative to the output's scale (both round to bf16 at different points: the
+kernel keeps fp32 accumulators, routing products and top-k sum); int8 vs the reference on the
+dequantized weights 1e-4 in fp32 (the same numbers, scale applied after the sum instead of before).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton", reason="triton not installed (pip install 'triton==3.9.0', the gpu extra)")
+
+from mixtral.cache import KVCache, StepLayout  # noqa: E402
+from mixtral.kernels.attention import attention  # noqa: E402
+from mixtral.kernels.cuda_graph import StaticCache, decode_step  # noqa: E402
+from mixtral.kernels.fused_moe import (  # noqa: E402
+    dequantize_int8,
+    fused_experts,
+    fused_experts_int8,
+    moe_align,
+    moe_align_reference,
+    quantize_int8,
+)
+from mixtral.kernels.moe_configs import MoeConfig, get_config, tokens_bucket  # noqa: E402
+from mixtral.model import build_mask, eager_attention  # noqa: E402
+from mixtral.moe import Experts, experts_reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# H and I deliberately not multiples of the 32-wide tiles used below.
+HIDDEN, INTER = 48, 40
+SMALL = MoeConfig(block_m=16, block_n=32, block_k=32)
+LARGE = MoeConfig(block_m=32, block_n=32, block_k=32)  # fewer interpreted programs for 257 tokens
+
+
+def routing(N: int, E: int, K: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(N, E, generator=g)
+    weights, ids = torch.topk(logits.softmax(-1), K, dim=-1)
+    return ids.to(DEVICE), (weights / weights.sum(-1, keepdim=True)).to(DEVICE)
+
+
+def expert_weights(E: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(E, 2 * INTER, HIDDEN, generator=g) * HIDDEN**-0.5
+    w2 = torch.randn(E, HIDDEN, INTER, generator=g) * INTER**-0.5
+    x = torch.randn(300, HIDDEN, generator=g)
+    return x.to(DEVICE), w13.to(DEVICE), w2.to(DEVICE)
+
+
+@pytest.mark.parametrize("N,E,K,block_m", [(1, 8, 2, 16), (3, 4, 1, 4), (33, 8, 4, 16), (257, 3, 2, 32),
+                                           (5, 8, 8, 4)])
+def test_align_matches_reference(N, E, K, block_m):
+    ids, _ = routing(N, E, K)
+    sorted_slots, block_expert = moe_align(ids, E, block_m)
+    want_slots, want_experts = moe_align_reference(ids.cpu(), E, block_m)
+    assert torch.equal(sorted_slots.cpu(), want_slots)
+    assert torch.equal(block_expert.cpu(), want_experts)
+
+
+# Each tokens count, E and top-k appears at least once, fp32 and bf16 both (the full cross product
+# is too slow under the interpreter).
+CASES = [
+    (1, 8, 2, torch.float32, SMALL),
+    (1, 4, 1, torch.bfloat16, SMALL),
+    (3, 4, 4, torch.float32, SMALL),
+    (3, 8, 2, torch.bfloat16, SMALL),
+    (33, 8, 4, torch.bfloat16, SMALL),
+    (33, 4, 1, torch.float32, SMALL),
+    (257, 8, 2, torch.float32, LARGE),
+]
+
+
+@pytest.mark.parametrize("N,E,K,dtype,config", CASES)
+def test_fused_experts_match_reference(N, E, K, dtype, config):
+    x, w13, w2 = expert_weights(E)
+    x, w13, w2 = x[:N].to(dtype), w13.to(dtype), w2.to(dtype)
+    ids, weights = routing(N, E, K)
+    got = fused_experts(x, ids, weights, w13, w2, config=config)
+    assert got.shape == (N, HIDDEN) and got.dtype == dtype
+    want = experts_reference(x.float(), ids, weights, w13.float(), w2.float())
+    tol = 1e-4 if dtype == torch.float32 else 3e-2 * want.abs().max().item()
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=0 if dtype == torch.float32 else 3e-2)
+
+
+def test_fused_experts_deterministic():
+    x, w13, w2 = expert_weights(4)
+    ids, weights = routing(33, 4, 2)
+    a = fused_experts(x[:33], ids, weights, w13, w2, config=SMALL)
+    b = fused_experts(x[:33], ids, weights, w13, w2, config=SMALL)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("N,E,K", [(1, 8, 2), (33, 4, 4), (3, 8, 1)])
+def test_int8_experts_match_dequantized_reference(N, E, K):
+    x, w13, w2 = expert_weights(E)
+    x = x[:N]
+    (q13, s13), (q2, s2) = quantize_int8(w13), quantize_int8(w2)
+    ids, weights = routing(N, E, K)
+    got = fused_experts_int8(x, ids, weights, q13, s13, q2, s2, config=SMALL)
+    want = experts_reference(x, ids, weights, dequantize_int8(q13, s13), dequantize_int8(q2, s2))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # And the quantization error against the unquantized experts stays small.
+    exact = experts_reference(x, ids, weights, w13, w2)
+    assert (got - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+def test_experts_module_runs_triton_implementation():
+    experts = Experts(4, HIDDEN, INTER).to(DEVICE)
+    x, w13, w2 = expert_weights(4)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(w13)
+        experts.down_proj.copy_(w2)
+    ids, weights = routing(3, 4, 2)
+    want = experts_reference(x[:3], ids, weights, w13, w2)
+    experts.implementation = "triton"
+    with torch.inference_mode():
+        got = experts(x[:3], ids, weights)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_config_table_lookup():
+    assert tokens_bucket(1) == 1 and tokens_bucket(3) == 4 and tokens_bucket(4096) == 4096
+    decode = get_config("gate_up", "bf16", 1, 2, 8, 2 * 14336, 4096)
+    prefill = get_config("gate_up", "bf16", 4096, 2, 8, 2 * 14336, 4096)
+    assert decode.block_m == 16 and prefill.block_m >= 64
+    assert get_config("down", "bf16", 5, 2, 4, 48, 40).block_m == 16  # not in the table: heuristic
+
+
+# --- attention --------------------------------------------------------------------------------
+def _qkv(B, T, S, nh=4, nkv=2, hd=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, nh, T, hd, generator=g), torch.randn(B, nkv, S, hd, generator=g),
+            torch.randn(B, nkv, S, hd, generator=g))
+
+
+def _check_attention(layout: StepLayout, window, B, T, S):
+    q, k, v = _qkv(B, T, S)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager FlexAttention on the CPU warns that it is unfused
+        got = attention(q, k, v, layout, window)
+    want, _ = eager_attention(q, k, v, build_mask(layout, window))
+    # Padding queries are unused (and defined differently); compare the real ones.
+    real = layout.key_valid[:, -T:] if layout.key_valid.shape[1] >= T else torch.ones(B, T, dtype=torch.bool)
+    torch.testing.assert_close(got.transpose(1, 2)[real], want.transpose(1, 2)[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_attention_left_padded_prefill(window):
+    B, T = 2, 7
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[0, :3] = False
+    idx = torch.arange(T)
+    _check_attention(StepLayout(idx, valid, idx, False), window, B, T, T)
+
+
+def test_attention_sliding_window_prefill_and_rolling_cache():
+    W, B = 4, 2
+    cache = KVCache(1, B, 2, 16, window=W)
+    cache.begin(None, 6)  # prompt longer than the window
+    cache.update(0, *_qkv(B, 6, 6)[1:])
+    cache.end()
+    layout = cache.begin(None, 3)  # a chunk after it: attends over cat(slots, chunk)
+    S = layout.key_index.shape[0]
+    _check_attention(layout, W, B, 3, S)
+
+
+def test_attention_decode_without_mask_matches():
+    B, S = 2, 9
+    idx = torch.arange(S)
+    layout = StepLayout(idx, torch.ones(B, S, dtype=torch.bool), idx[-1:], True)
+    _check_attention(layout, None, B, 1, S)
+
+
+# --- static decode step (the body of the CUDA graph) ------------------------------------------
+@pytest.mark.parametrize("window", [None, 5])
+def test_static_decode_step_matches_model(window):
+    from conftest import tiny_kwargs
+
+    from mixtral import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(**tiny_kwargs(sliding_window=window))
+    model = MixtralForCausalLM(config).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0  # left padding
+    steps, total = 4, 6 + 4
+    with torch.inference_mode():
+        cache = KVCache.for_model(config, 2, capacity=total)
+        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        static = StaticCache(config, 2, total, torch.float32, "cpu")
+        static.load(cache)
+        tok = out.logits[:, -1].argmax(-1)
+        full_mask = torch.cat([mask, torch.ones(2, steps, dtype=torch.long)], dim=1)
+        for s in range(steps):
+            want = model(input_ids=tok[:, None], attention_mask=full_mask[:, : 7 + s], past_key_values=cache,
+                         use_cache=True).logits[:, -1]
+            got = decode_step(model, static, tok, torch.ones(2, dtype=torch.bool))
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            tok = want.argmax(-1)
+
+
+# --- GPU only ---------------------------------------------------------------------------------
+@needs_cuda
+def test_compiled_kernels_bf16_on_gpu():
+    x, w13, w2 = expert_weights(8)
+    x, w13, w2 = x[:64].bfloat16(), w13.bfloat16(), w2.bfloat16()
+    ids, weights = routing(64, 8, 2)
+    got = fused_experts(x, ids, weights, w13, w2)  # the table / heuristic configs, not the test ones
+    want = experts_reference(x.float(), ids, weights, w13.float(), w2.float())
+    torch.testing.assert_close(got.float(), want, atol=3e-2 * want.abs().max().item(), rtol=3e-2)
+
+
+@needs_cuda
+def test_graph_decode_matches_eager_decode():
+    from conftest import tiny_kwargs
+
+    from mixtral import MixtralConfig, MixtralForCausalLM
+    from mixtral.kernels.cuda_graph import generate_with_graph
+
+    torch.manual_seed(0)
+    config = MixtralConfig(**tiny_kwargs())
+    model = MixtralForCausalLM(config).to("cuda").eval()
+    ids = torch.randint(0, config.vocab_size, (2, 5), device="cuda")
+    got = generate_with_graph(model, ids, 6)
+    want = model.generate(ids, max_new_tokens=6, eos_token_id=[])[:, 5:]
+    assert torch.equal(got, want)
