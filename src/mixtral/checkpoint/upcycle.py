@@ -1,0 +1,190 @@
+"""Sparse upcycling: a dense Llama/Mistral-architecture checkpoint -> a Mixtral with copied experts.
+
+Every expert starts as a copy of the layer's dense MLP (optionally plus Gaussian noise, so that the
+experts can drift apart in training), and the router is drawn from a seed. With exact copies the
+mixture computes the dense MLP whatever the router picks: the top-k weights are renormalized to sum
+to 1, and sum_k w_k * f(x) = f(x).
+
+Dense sources are read through the same rule tables as everything else: a Hugging Face directory
+(``model_type`` llama or mistral, ``mlp.gate_proj/up_proj/down_proj``) through ``dense_hf_rules``, a
+dense GGUF through ``mixtral.checkpoint.gguf`` (which already reads it as one expert). Upcycling
+then wraps the one-expert rules: ``upcycle_rules``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import MixtralConfig
+from .hf import hf_rules
+from .loading import CheckpointError, Rule, SafetensorsSource, TensorSource, materialize, parse_dtype
+
+# Where transformers' LlamaConfig/MistralConfig defaults differ from MixtralConfig's: a config.json
+# that omits these fields means the dense model's default, not ours.
+DENSE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=2048, sliding_window=None),
+    "mistral": dict(rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=4096 * 32, sliding_window=4096),
+}
+
+
+def config_from_dense_hf(data: dict[str, Any], path: Path) -> MixtralConfig:
+    """A Llama/Mistral ``config.json`` -> a one-expert, top-1 MixtralConfig."""
+    model_type = data.get("model_type")
+    if model_type not in DENSE_DEFAULTS:
+        raise CheckpointError(f"{path}: model_type {model_type!r} is not a dense Llama/Mistral model "
+                              f"(expected one of {', '.join(DENSE_DEFAULTS)})")
+    for flag in ("attention_bias", "mlp_bias"):
+        if data.get(flag):
+            raise CheckpointError(f"{path}: {flag}=true is not supported (Mixtral has no biases)")
+    data = dict(data)
+    for key, value in DENSE_DEFAULTS[model_type].items():
+        if key == "rope_theta" and isinstance(data.get("rope_parameters") or data.get("rope_scaling"), dict):
+            continue
+        data.setdefault(key, value)
+    data.setdefault("num_key_value_heads", data.get("num_attention_heads"))
+    data.update(num_local_experts=1, num_experts_per_tok=1)
+    try:
+        return MixtralConfig.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def dense_hf_rules(config: MixtralConfig, keys: set[str]) -> dict[str, Rule]:
+    """The hub layout's attention/norm rules, with the dense MLP read as one expert and no router."""
+    rules = {k: v for k, v in hf_rules(config, keys).items() if ".mlp." not in k}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        mlp = p + "mlp."
+        rules[mlp + "gate.weight"] = Rule((), lambda ts, H=config.hidden_size: torch.zeros(1, H))
+        rules[mlp + "experts.gate_up_proj"] = Rule(
+            (mlp + "gate_proj.weight", mlp + "up_proj.weight"), lambda ts: torch.cat(ts)[None])
+        rules[mlp + "experts.down_proj"] = Rule((mlp + "down_proj.weight",), lambda ts: ts[0][None])
+    return rules
+
+
+def read_dense(path: Path) -> tuple[MixtralConfig, TensorSource, dict[str, Rule]]:
+    """(one-expert config, source, rules) for a dense HF directory or a dense GGUF file."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from .gguf import read_gguf
+
+        config, source, rules = read_gguf(path)
+        if config.num_local_experts != 1:
+            raise CheckpointError(f"{path}: already a mixture of {config.num_local_experts} experts, not dense")
+        return config, source, rules
+    config_path = path / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{path}: neither a .gguf file nor a directory with config.json")
+    try:
+        data = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from e
+    config = config_from_dense_hf(data, config_path)
+    source = SafetensorsSource.from_directory(path)
+    return config, source, dense_hf_rules(config, set(source.keys()))
+
+
+def _seeded(seed: int, layer: int, which: int) -> torch.Generator:
+    """One generator per (layer, tensor): the result does not depend on the order tensors load in."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + layer * 4 + which)
+
+
+def upcycle_rules(
+    config: MixtralConfig, rules: dict[str, Rule], experts: int, top_k: int, noise: float = 0.0, seed: int = 0
+) -> tuple[MixtralConfig, dict[str, Rule]]:
+    """Wrap one-expert rules so that each layer has ``experts`` copies and a seeded router."""
+    if config.num_local_experts != 1:
+        raise ValueError(f"upcycling needs a dense (one-expert) model, got {config.num_local_experts} experts")
+    if noise < 0:
+        raise ValueError(f"--noise must be >= 0, got {noise}")
+    new = dataclasses.replace(config, num_local_experts=experts, num_experts_per_tok=top_k)
+    std = config.initializer_range
+    out = dict(rules)
+
+    def copies(rule: Rule, layer: int, which: int) -> Rule:
+        def combine(ts: list[torch.Tensor]) -> torch.Tensor:
+            one = rule.build(ts).to(torch.float32)  # (1, rows, cols)
+            many = one.expand(experts, *one.shape[1:]).clone()
+            if noise:
+                many += noise * torch.randn(many.shape, generator=_seeded(seed, layer, which))
+            return many
+
+        return Rule(rule.keys, combine)
+
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}.mlp."
+        out[p + "experts.gate_up_proj"] = copies(rules[p + "experts.gate_up_proj"], i, 0)
+        out[p + "experts.down_proj"] = copies(rules[p + "experts.down_proj"], i, 1)
+        out[p + "gate.weight"] = Rule((), lambda ts, i=i: std * torch.randn(
+            experts, config.hidden_size, generator=_seeded(seed, i, 2)))
+    return new, out
+
+
+def upcycle(
+    path: str | Path,
+    experts: int = 8,
+    top_k: int = 2,
+    noise: float = 0.0,
+    seed: int = 0,
+    dtype: torch.dtype | str = torch.float32,
+    progress: bool | None = None,
+):
+    """A ``MixtralForCausalLM`` upcycled from the dense checkpoint at ``path`` (HF directory or GGUF)."""
+    from ..model import MixtralForCausalLM
+
+    config, source, rules = read_dense(Path(path))
+    config, rules = upcycle_rules(config, rules, experts, top_k, noise, seed)
+    with torch.device("meta"):
+        model = MixtralForCausalLM(config)
+    materialize(model, rules, source, dtype=parse_dtype(dtype), device="cpu", progress=progress,
+                ignore=lambda key: key == "lm_head.weight" or key.endswith("rotary_emb.inv_freq"))
+    model.model.reset_rotary()
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def dense_tokenizer(path: Path):
+    """The dense checkpoint's tokenizer (GGUF vocabulary or tokenizer files), or None."""
+    if path.is_file() and path.suffix == ".gguf":
+        from .gguf import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(path)
+    from ..tokenizer import Tokenizer
+
+    try:
+        return Tokenizer.from_pretrained(path)
+    except FileNotFoundError:
+        return None
+
+
+def save_upcycled(model, tokenizer, dst: Path, max_shard_size: int | str = "5GB") -> None:
+    """Checkpoint and tokenizer into ``dst``, all or nothing (config.json lands last)."""
+    from .loading import write_atomically
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    write_atomically(Path(dst), write)
+
+
+def run_upcycle(args) -> int:
+    """``mixtral upcycle DENSE DST --experts E --top-k K [--noise STD --seed S]``."""
+    src = Path(args.dense)
+    if not src.exists():
+        raise CheckpointError(f"{src}: no such file or directory")
+    model = upcycle(src, args.experts, args.top_k, args.noise, args.seed, progress=True)
+    tokenizer = dense_tokenizer(src)
+    if tokenizer is None:
+        print(f"warning: {src}: no tokenizer found; the upcycled checkpoint has none")
+    save_upcycled(model, tokenizer, Path(args.dst))
+    print(f"wrote {args.dst}: {args.experts} experts (top-{args.top_k}), "
+          f"{model.num_parameters() / 1e6:.1f}M parameters, noise std {args.noise}, seed {args.seed}")
+    return 0
