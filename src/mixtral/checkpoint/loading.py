@@ -268,7 +268,10 @@ def write_atomically(directory: Path, write: Callable[[Path], None]) -> None:
     try:
         write(tmp)
         names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
+        umask = os.umask(0)
+        os.umask(umask)
         for n in names:
+            os.chmod(tmp / n, 0o666 & ~umask)  # safetensors creates files private (0600)
             os.replace(tmp / n, directory / n)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
