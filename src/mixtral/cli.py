@@ -142,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode = q.add_mutually_exclusive_group(required=True)
     mode.add_argument("--int8", action="store_true")
     mode.add_argument("--int4", action="store_true")
-    q.add_argument("--group-size", type=int, default=128)
+    q.add_argument("--group-size", type=int, default=32,
+                   help="int4 group size (multiple of 32); 32 keeps perplexity within 0.1%% on the demo model")
+    q.add_argument("--lm-head", action="store_true", help="also quantize the output head (always int8)")
     q.set_defaults(func=lambda a: _lazy("mixtral.quant", "run_quantize")(a))
     return parser
 

@@ -35,6 +35,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            if x.device.type == "cpu" and x.numel() <= 8 * x.shape[-1] and not torch.is_grad_enabled():
+                from .kernels.cpu import cpu_kernels
+
+                ck = cpu_kernels()
+                if ck is not None:  # decode: torch's rms_norm costs ~40 us a call on small CPUs
+                    return ck.rms_norm(x.contiguous(), self.weight, self.eps)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op: same numbers
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -114,7 +122,7 @@ class Attention(nn.Module):
         want_probs: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        q, k, v = project(self.qkv_proj, x).split(self.qkv_sizes, dim=-1)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -131,7 +139,25 @@ class Attention(nn.Module):
                 is_causal=mask is None and T > 1, enable_gqa=self.num_kv_heads != self.num_heads,
             )
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
-        return self.o_proj(out), probs
+        return project(self.o_proj, out), probs
+
+
+def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)``, through the AVX2 matrix-vector kernel for a few fp32 rows on CPU (decode).
+
+    MKL's fp32 matrix-vector product reaches about half the memory bandwidth on small CPUs; the
+    kernel streams the weight at full speed. Many rows (prefill) and anything else go to ``linear``.
+    """
+    if (type(linear) is nn.Linear and linear.bias is None and x.dtype == torch.float32
+            and linear.weight.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and linear.weight.is_contiguous() and x.numel() <= 8 * x.shape[-1]):
+        from .kernels.cpu import cpu_kernels
+
+        ck = cpu_kernels()
+        if ck is not None:
+            y = ck.linear_f32(x.reshape(-1, x.shape[-1]).contiguous(), linear.weight)
+            return y.view(*x.shape[:-1], y.shape[-1])
+    return linear(x)
 
 
 def eager_attention(q, k, v, mask, dropout: float = 0.0):
@@ -256,10 +282,25 @@ class MixtralPreTrainedModel(nn.Module):
         )
 
     def save_pretrained(self, directory: str | Path, max_shard_size: int | str = "5GB") -> None:
-        """Write the hub layout (config.json + safetensors, sharded with an index when large)."""
+        """Write the hub layout (config.json + safetensors, sharded with an index when large);
+        a quantized model writes the quantized layout of ``mixtral.quant`` instead."""
+        if getattr(self, "quantization_config", None) is not None:
+            from .quant.checkpoint import save_quantized
+
+            save_quantized(self, Path(directory))
+            return
         from .checkpoint.hf import save_pretrained
 
         save_pretrained(self, directory, max_shard_size=max_shard_size)
+
+    def prepare_for_checkpoint(self, rules, source, device) -> set[str]:
+        """Before float weights load: a quantized checkpoint swaps in quantized modules, filled from
+        ``source``; returns the checkpoint keys consumed that way."""
+        if getattr(rules, "quantized", None) is None:
+            return set()
+        from .quant.checkpoint import prepare
+
+        return prepare(self, rules, source, device)
 
 
 class MixtralModel(MixtralPreTrainedModel):
@@ -457,7 +498,7 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        logits = self.lm_head(h)
+        logits = project(self.lm_head, h)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         aux_loss = None
         if want_router:

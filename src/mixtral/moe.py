@@ -76,25 +76,36 @@ def experts_grouped(
 ) -> torch.Tensor:
     """Touch only the experts the router chose, one matrix product per expert hit.
 
-    Token slots are sorted by expert once, so each expert reads a contiguous run of rows; the
-    expert ids come to the host in one transfer (``tolist``), the only synchronisation. For
-    decode (N*K small) that is K products of one row each against weight *views*: no copy of
+    For decode (N*K small) that is K products of one row each against weight *views*: no copy of
     expert weights is ever made.
     """
+    return experts_grouped_by(
+        x, ids, weights, gate_up_proj.__getitem__, down_proj.__getitem__, gate_up_proj.shape[0], act
+    )
+
+
+def experts_grouped_by(x, ids, weights, gate_up_of, down_of, num_experts: int, act=F.silu) -> torch.Tensor:
+    """``experts_grouped`` with the weights of expert e given by ``gate_up_of(e)``, ``down_of(e)``
+    (quantized experts pass functions that dequantize one expert at a time).
+
+    Token slots are sorted by expert once, so each expert reads a contiguous run of rows; the
+    expert ids come to the host in one transfer (``tolist``), the only synchronisation.
+    """
     N, K = ids.shape
-    inter = down_proj.shape[-1]
     flat_ids = ids.reshape(-1)
     if N == 1:
         # Decode: K experts, one row each; skip the sort.
         out = None
         for k, e in enumerate(flat_ids.tolist()):
-            h = F.linear(x, gate_up_proj[e])
+            gu, dn = gate_up_of(e), down_of(e)
+            inter = dn.shape[-1]
+            h = F.linear(x, gu)
             h = act(h[:, :inter]) * h[:, inter:]
-            y = F.linear(h, down_proj[e]) * weights[:, k : k + 1]
+            y = F.linear(h, dn) * weights[:, k : k + 1]
             out = y if out is None else out + y
         return out.to(x.dtype)
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=gate_up_proj.shape[0]).tolist()
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
     token_of = order // K
     xs = x[token_of]  # (N*K, H) rows grouped by expert
     ys = torch.empty(N * K, x.shape[1], dtype=torch.float32 if weights.dtype == torch.float32 else x.dtype,
@@ -103,10 +114,12 @@ def experts_grouped(
     for e, c in enumerate(counts):
         if c == 0:
             continue
+        gu, dn = gate_up_of(e), down_of(e)
+        inter = dn.shape[-1]
         rows = slice(start, start + c)
-        h = F.linear(xs[rows], gate_up_proj[e])
+        h = F.linear(xs[rows], gu)
         h = act(h[:, :inter]) * h[:, inter:]
-        ys[rows] = F.linear(h, down_proj[e])
+        ys[rows] = F.linear(h, dn)
         start += c
     ys *= weights.reshape(-1)[order, None]
     out = torch.zeros(N, x.shape[1], dtype=ys.dtype, device=x.device)
@@ -122,8 +135,36 @@ def experts_triton(x, ids, weights, gate_up_proj, down_proj, act=F.silu) -> torc
     return fused_experts(x, ids, weights, gate_up_proj, down_proj, act)
 
 
+CPU_KERNEL_MAX_TOKENS = 8  # beyond this, grouped matrix products beat matrix-vector kernels
+
+
+def experts_cpu(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    act=F.silu,
+) -> torch.Tensor:
+    """Decode on CPU: the whole experts step in one AVX2 kernel call (``mixtral.kernels.cpu``).
+
+    Reads only the chosen experts' rows, no Python loop, no host synchronisation. Fast for a few
+    tokens only: prefill (many tokens) and anything the kernel does not cover (not fp32 on CPU, an
+    activation other than SiLU, no compiler) goes to ``experts_grouped``.
+    """
+    if (x.shape[0] <= CPU_KERNEL_MAX_TOKENS and x.device.type == "cpu" and x.dtype == torch.float32
+            and gate_up_proj.dtype == torch.float32 and act is F.silu and not torch.is_grad_enabled()):
+        from .kernels.cpu import cpu_kernels
+
+        ck = cpu_kernels()
+        if ck is not None:
+            return ck.experts_f32(x.contiguous(), ids, weights.float().contiguous(),
+                                  gate_up_proj.contiguous(), down_proj.contiguous())
+    return experts_grouped(x, ids, weights, gate_up_proj, down_proj, act)
+
+
 EXPERT_IMPLEMENTATIONS = {
-    "reference": experts_reference, "grouped": experts_grouped, "triton": experts_triton,
+    "reference": experts_reference, "grouped": experts_grouped, "triton": experts_triton, "cpu": experts_cpu,
 }
 
 
@@ -131,7 +172,8 @@ def default_implementation(x: torch.Tensor, act) -> str:
     """The Triton kernel for SiLU experts on CUDA without autograd (it has no backward) when Triton
     is installed; otherwise "grouped". So on a GPU, run inference under ``torch.inference_mode()``."""
     if not x.is_cuda or act is not F.silu or torch.is_grad_enabled():
-        return "grouped"
+        # CPU decode: "cpu" runs the AVX2 kernel for a few fp32 tokens and is "grouped" otherwise.
+        return "cpu" if x.device.type == "cpu" and not torch.is_grad_enabled() else "grouped"
     from .kernels import triton_available
 
     return "triton" if triton_available() else "grouped"

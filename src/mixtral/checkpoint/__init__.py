@@ -98,27 +98,29 @@ def load_pretrained(
     with torch.device("meta"):
         model = cls(config, attn_implementation=attn_implementation)
     bare = cls is MixtralModel
+    consumed: set[str] = set()
+    prepare = getattr(model, "prepare_for_checkpoint", None)
+    if prepare is not None:  # quantized checkpoints swap in quantized modules, loading those tensors
+        consumed = set(prepare(rules, source, device) or ())
     if bare:
         rules = {k[len("model."):]: v for k, v in rules.items() if k.startswith("model.")}
-    prepare = getattr(model, "prepare_for_checkpoint", None)
-    if prepare is not None:  # e.g. quantized checkpoints swap in quantized expert modules first
-        prepare(rules)
     head = {"MixtralForSequenceClassification": "score.weight"}.get(cls.__name__)
     fresh = materialize(
         model, rules, source, dtype=dtype, device=device,
         optional=[head] if head else [],
         # A classifier loads from a causal-LM checkpoint (and vice versa) without its head; a tied
         # checkpoint may still carry lm_head.weight.
-        ignore=lambda key: key in ("lm_head.weight", "score.weight") or key.endswith("rotary_emb.inv_freq"),
+        ignore=lambda key: key in consumed or key in ("lm_head.weight", "score.weight")
+        or key.endswith("rotary_emb.inv_freq"),
         progress=progress,
     )
     if fresh:
         warnings.warn(f"{path}: {', '.join(fresh)} not in the checkpoint; initialized randomly", stacklevel=3)
     base = model if bare else model.model
     base.reset_rotary(device)
-    if config.tie_word_embeddings and not bare and hasattr(model, "lm_head"):
+    if config.tie_word_embeddings and not bare and isinstance(getattr(model, "lm_head", None), torch.nn.Linear):
         model.lm_head.weight = base.embed_tokens.weight
-    if quantize:
+    if quantize and getattr(model, "quantization_config", None) is None:
         from ..quant import quantize_model
 
         quantize_model(model, quantize)

@@ -1,4 +1,10 @@
-"""GPU kernels and fast paths: the fused MoE (Triton), attention, CUDA-graph decode.
+"""Kernels behind the model's fast paths.
+
+* ``cpu`` (+ ``cpu_kernels.cpp``): AVX2 matrix-vector kernels for CPU decode (fp32, int8, int4),
+  compiled at first use, with torch fallbacks.
+* ``fused_moe``, ``moe_configs``: the Triton fused MoE for CUDA (bf16 and int8 weights).
+* ``attention``: layout-driven attention for CUDA (flash-attn, SDPA, FlexAttention).
+* ``cuda_graph``: decode captured as one CUDA graph per batch size.
 
 Nothing here is imported by the core package at import time: Triton is an optional dependency
 (the ``gpu`` extra) and CPU installs never need it. ``triton_available`` is the one check.

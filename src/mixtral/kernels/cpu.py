@@ -1,0 +1,44 @@
+"""The AVX2 decode kernels (``cpu_kernels.cpp``), compiled with the system C++ compiler at first use.
+
+``cpu_kernels()`` returns the compiled module, or None where it cannot be had: not an x86 CPU with
+AVX2+FMA, no compiler, a failed build, or ``MIXTRAL_CPU_KERNELS=0`` in the environment. Every
+caller has a pure-torch fallback with the same numbers (up to float rounding), so None only costs
+speed. The build takes ~30 s once and is cached by torch in ``~/.cache/torch_extensions``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+
+
+def _cpu_supported() -> bool:
+    try:
+        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    except Exception:  # older torch without the query
+        return False
+
+
+@functools.cache
+def cpu_kernels():
+    if os.environ.get("MIXTRAL_CPU_KERNELS", "1") == "0" or not _cpu_supported() or not SOURCE.exists():
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name="mixtral_cpu_kernels",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as e:  # no compiler, missing headers, ...: fall back to torch ops
+        warnings.warn(f"mixtral: AVX2 kernels unavailable, using slower torch fallbacks ({e})", stacklevel=2)
+        return None

@@ -1,0 +1,127 @@
+"""Saving and loading quantized checkpoints (layout documented in ``mixtral.quant``).
+
+Loading goes through the ordinary ``from_pretrained`` path: ``quantized_rules`` gives the rules for
+the float parameters (identity: the file uses internal names) and remembers which stored tensors
+are quantized; the model's ``prepare_for_checkpoint`` then calls ``prepare`` here, which swaps in
+quantized modules filled straight from the file (int8 stays int8: no float copy is ever made), and
+reports the keys it consumed so the float loader does not count them as unexpected.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint.loading import CheckpointError, Rule, TensorSource, write_atomically
+from ..config import MixtralConfig
+from . import QuantExperts, QuantizedTensor, QuantLinear, quantization_config
+
+SUFFIXES = (".qweight", ".scales", ".mins")
+
+
+class QuantizedRules(dict):
+    """Float rules (internal name -> Rule) plus the quantized tensor names and the config block."""
+
+    def __init__(self, rules: dict[str, Rule], quantized: list[str], qconfig: dict) -> None:
+        super().__init__(rules)
+        self.quantized = quantized
+        self.qconfig = qconfig
+
+
+def quantized_rules(config: MixtralConfig, keys: set[str], path: Path) -> QuantizedRules:
+    qconfig = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
+    if qconfig.get("quant_method") != "mixtral-weight-only" or qconfig.get("bits") not in (4, 8):
+        raise CheckpointError(f"{path}: unsupported quantization_config {qconfig}")
+    quantized = sorted({k[: -len(".qweight")] for k in keys if k.endswith(".qweight")})
+    consumed = {q + s for q in quantized for s in SUFFIXES}
+    rules = {k: Rule((k,)) for k in keys if k not in consumed}
+    if config.tie_word_embeddings or "lm_head.weight" in quantized:
+        rules.pop("lm_head.weight", None)
+    return QuantizedRules(rules, quantized, qconfig)
+
+
+def prepare(model: nn.Module, rules: QuantizedRules, source: TensorSource, device) -> set[str]:
+    """Swap the modules holding quantized tensors for quantized ones, filled from ``source``."""
+    prefix = "" if type(model).__name__ == "MixtralModel" else None
+    bits = rules.qconfig["bits"]
+    consumed: set[str] = set()
+    for name in rules.quantized:
+        local = name[len("model."):] if prefix == "" and name.startswith("model.") else name
+        tensors = {}
+        for s in SUFFIXES:
+            if name + s in source:
+                tensors[s] = source.get(name + s).to(device)
+                consumed.add(name + s)
+        if ".qweight" not in tensors or ".scales" not in tensors or (
+                bits == 4 and ".mins" not in tensors and not name.startswith("lm_head")):
+            raise CheckpointError(f"{source.where(name + '.qweight')}: {name} lacks scales or mins")
+        # Each tensor's format is what it holds: the output head is int8 in an int4 checkpoint.
+        qt = QuantizedTensor(4 if ".mins" in tensors else 8, tensors[".qweight"], tensors[".scales"],
+                             tensors.get(".mins"))
+        module_name, _, leaf = local.rpartition(".")  # e.g. (...self_attn.qkv_proj, weight)
+        if leaf == "weight":
+            _replace(model, module_name, QuantLinear(qt))
+        elif leaf in ("gate_up_proj", "down_proj"):
+            experts = model.get_submodule(module_name)
+            pending = getattr(experts, "_pending", {})
+            pending[leaf] = qt
+            if len(pending) == 2:
+                _replace(model, module_name, QuantExperts(pending["gate_up_proj"], pending["down_proj"], experts.act))
+            else:
+                experts._pending = pending
+        else:
+            raise CheckpointError(f"{source.where(name + '.qweight')}: don't know how to load quantized {name}")
+    model.quantization_config = rules.qconfig
+    return consumed
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    path, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(path) if path else model, leaf, new)
+
+
+def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every stored tensor under its checkpoint name; tied weights once."""
+    out, seen = {}, set()
+    tied = model.config.tie_word_embeddings
+    for mname, module in model.named_modules():
+        if isinstance(module, QuantizedTensor):
+            # QuantLinear holds `weight_q` for `<linear>.weight`; QuantExperts `gate_up_q` / `down_q`.
+            owner, _, attr = mname.rpartition(".")
+            base = {"weight_q": "weight", "gate_up_q": "gate_up_proj", "down_q": "down_proj"}[attr]
+            for s, t in (("qweight", module.qweight), ("scales", module.scales), ("mins", module.mins)):
+                if t is not None:
+                    out[f"{owner}.{base}.{s}"] = t
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen or (name == "lm_head.weight" and tied):
+            continue
+        seen.add(id(p))
+        out[name] = p.detach()
+    return out
+
+
+def save_quantized(model: nn.Module, directory: Path, copy_from: Path | None = None) -> None:
+    """Write config.json (with ``quantization_config``) and model.safetensors; copy tokenizer files."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous().clone() for k, v in quantized_state(model).items()}
+    qconfig = getattr(model, "quantization_config", None) or quantization_config("int8", 128, False)
+
+    def write(tmp: Path) -> None:
+        model.config.save_pretrained(tmp)
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg["quantization_config"] = qconfig
+        cfg["torch_dtype"] = "float32"
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        if copy_from is not None and copy_from.is_dir():
+            for f in copy_from.iterdir():
+                if f.is_file() and (f.name.startswith("tokenizer") or f.name in (
+                        "special_tokens_map.json", "generation_config.json", "chat_template.jinja")):
+                    shutil.copy(f, tmp / f.name)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+    write_atomically(Path(directory), write)
