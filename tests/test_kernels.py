@@ -240,3 +240,30 @@ def test_graph_decode_matches_eager_decode():
     got = generate_with_graph(model, ids, 6)
     want = model.generate(ids, max_new_tokens=6, eos_token_id=[])[:, 5:]
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_model_with_layout_attention_matches_sdpa(monkeypatch, window):
+    """The model's flash_attention_2 wiring (forced on here; on the CPU it is normally SDPA) gives
+    the same logits and greedy tokens as the dense-mask path, padded and with a sliding window."""
+    import mixtral.model as model_module
+    from mixtral import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, sliding_window=window)
+    ref = MixtralForCausalLM(cfg).eval()
+    fa = MixtralForCausalLM(cfg, attn_implementation="flash_attention_2").eval()
+    fa.load_state_dict(ref.state_dict())
+    ids = torch.randint(1, 61, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    monkeypatch.setattr(model_module, "uses_layout_attention", lambda impl, x: impl == "flash_attention_2")
+    with torch.no_grad():
+        a = ref(ids, attention_mask=mask).logits
+        b = fa(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(a[real], b[real], atol=1e-4, rtol=1e-4)
+    out_a = ref.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+    out_b = fa.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(out_a, out_b)

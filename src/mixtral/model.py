@@ -86,6 +86,12 @@ def build_mask(layout: StepLayout, window: int | None) -> torch.Tensor | None:
     return allowed[:, None]
 
 
+def uses_layout_attention(implementation: str, x: torch.Tensor) -> bool:
+    """``flash_attention_2`` on CUDA attends from the StepLayout (``mixtral.kernels.attention``);
+    on the CPU it is the SDPA path, since FlexAttention runs only eagerly (slowly) there."""
+    return implementation == "flash_attention_2" and x.is_cuda
+
+
 def needs_mask(layout: StepLayout, config: MixtralConfig, cache: KVCache | None) -> bool:
     """False when attention needs no mask tensor: one query that sees every key held, or a
     square causal block (SDPA's ``is_causal``). Both are common (decode, unpadded prefill)."""
@@ -106,6 +112,7 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.dim_per_head
         self.dropout = config.attention_dropout
+        self.window = config.sliding_window
         self.qkv_sizes = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
                           self.num_kv_heads * self.head_dim)
         self.qkv_proj = nn.Linear(config.hidden_size, sum(self.qkv_sizes), bias=False)
@@ -116,11 +123,13 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | StepLayout | None,
         cache: KVCache | None,
         implementation: str,
         want_probs: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``mask`` is a boolean (B, 1, T, S) tensor, None (causal or all-visible), or on the
+        layout-driven GPU path (``flash_attention_2`` on CUDA) the step's ``StepLayout`` itself."""
         B, T, _ = x.shape
         q, k, v = project(self.qkv_proj, x).split(self.qkv_sizes, dim=-1)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
@@ -131,7 +140,11 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
         dropout = self.dropout if self.training else 0.0
         probs = None
-        if implementation == "eager" or want_probs:
+        if isinstance(mask, StepLayout):
+            from .kernels.attention import attention
+
+            out = attention(q, k, v, mask, self.window)
+        elif implementation == "eager" or want_probs:
             out, probs = eager_attention(q, k, v, mask, dropout)
         else:
             out = F.scaled_dot_product_attention(
@@ -378,7 +391,12 @@ class MixtralModel(MixtralPreTrainedModel):
             row_start = torch.zeros(B, dtype=torch.long, device=inputs_embeds.device)
         if position_ids is None:
             position_ids = derive_position_ids(new_valid, row_start, T)
-        mask = build_mask(layout, config.sliding_window) if needs_mask(layout, config, past_key_values) else None
+        if record is None and not self.training and uses_layout_attention(self.attn_implementation, inputs_embeds):
+            mask = layout  # flash-attn / SDPA / FlexAttention evaluate the rule without a dense mask
+        elif needs_mask(layout, config, past_key_values):
+            mask = build_mask(layout, config.sliding_window)
+        else:
+            mask = None
         cos, sin = rotary_cos_sin(self.inv_freq, position_ids, inputs_embeds.dtype)
 
         h = inputs_embeds
