@@ -8,7 +8,9 @@ speed. The build takes ~30 s once and is cached by torch in ``~/.cache/torch_ext
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -25,6 +27,16 @@ def _cpu_supported() -> bool:
         return False
 
 
+def _build_directory() -> Path:
+    """One build folder per kernel source and torch version, so an edited source never picks up a
+    stale binary and versions never overwrite each other."""
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    path = root / f"mixtral_cpu_kernels-{key}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 @functools.cache
 def cpu_kernels():
     if os.environ.get("MIXTRAL_CPU_KERNELS", "1") == "0" or not _cpu_supported() or not SOURCE.exists():
@@ -32,13 +44,22 @@ def cpu_kernels():
     try:
         from torch.utils.cpp_extension import load
 
-        return load(
-            name="mixtral_cpu_kernels",
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        build_dir = _build_directory()
+        # torch guards a build with a plain `lock` file, which a build killed half-way (Ctrl-C on
+        # first use) leaves behind, and every later process then waits on forever. An flock is
+        # released by the kernel when its holder dies; whoever holds it is the only builder, so a
+        # `lock` file seen then is stale.
+        with open(build_dir / "mixtral.flock", "w") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            (build_dir / "lock").unlink(missing_ok=True)
+            return load(
+                name="mixtral_cpu_kernels",
+                sources=[str(SOURCE)],
+                extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build_dir),
+                verbose=False,
+            )
     except Exception as e:  # no compiler, missing headers, ...: fall back to torch ops
         warnings.warn(f"mixtral: AVX2 kernels unavailable, using slower torch fallbacks ({e})", stacklevel=2)
         return None
