@@ -28,7 +28,7 @@ def test_generate_streams_and_reports_counts(tiny_checkpoint, capsys):
     assert main(["generate", "--model", str(tiny_checkpoint), "--prompt", "the lazy fox",
                  "--max-new-tokens", "6", "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    m = re.search(r"\[prompt (\d+) tokens, generated (\d+) tokens, [\d.]+ tokens/s\]", out)
+    m = re.search(r"\[prompt (\d+) tokens, generated (\d+) tokens, [\d.]+ tokens/s \(first token after [\d.]+ s", out)
     assert m and int(m.group(1)) == len(Tokenizer.from_pretrained(tiny_checkpoint).encode("the lazy fox"))
     assert 1 <= int(m.group(2)) <= 6
 

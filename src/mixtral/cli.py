@@ -28,7 +28,6 @@ def load_for_cli(path: Path, dtype: str = "float32", quantize: str | None = None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generation import TextStreamer
     from .perf import configure_threads
 
     configure_threads(args.threads)
@@ -48,7 +47,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    streamer = TimedStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     start = time.perf_counter()
     out = model.generate(
         input_ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
@@ -57,8 +56,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     elapsed = time.perf_counter() - start
     new = out.shape[1] - input_ids.shape[1]
-    print(f"[prompt {input_ids.shape[1]} tokens, generated {new} tokens, {new / elapsed:.1f} tokens/s]")
+    first = (streamer.first_token_at or time.perf_counter()) - start
+    decode = (new - 1) / (elapsed - first) if new > 1 and elapsed > first else float("nan")
+    print(f"[prompt {input_ids.shape[1]} tokens, generated {new} tokens, {new / elapsed:.1f} tokens/s "
+          f"(first token after {first:.2f} s, then {decode:.1f} tokens/s)]")
     return 0
+
+
+class TimedStreamer:
+    """A TextStreamer that also notes when the first new token arrived (time to first token)."""
+
+    def __init__(self, tokenizer, **kwargs) -> None:
+        from .generation import TextStreamer
+
+        self.inner = TextStreamer(tokenizer, **kwargs)
+        self.first_token_at: float | None = None
+        self._puts = 0
+
+    def put(self, token_ids: torch.Tensor) -> None:
+        self._puts += 1
+        if self._puts == 2:  # the first put is the prompt
+            self.first_token_at = time.perf_counter()
+        self.inner.put(token_ids)
+
+    def end(self) -> None:
+        self.inner.end()
 
 
 def build_parser() -> argparse.ArgumentParser:
