@@ -107,3 +107,89 @@ def test_batched_padded_generation_matches_reference():
         set_experts(model, "auto")
         out = model.generate(ids, attention_mask=mask, max_new_tokens=8)
     assert torch.equal(out, ref)
+
+
+def decode_logits(model, ids, mask, steps: int, tokens=None):
+    """Prefill then ``steps`` decode steps through a fresh cache; feeds ``tokens`` (B, steps) when
+    given, else the greedy choice. Returns the logits of every step (steps + 1, B, V) and the tokens."""
+    from mixtral.cache import KVCache
+    from mixtral.generation import decode_step, prefill
+
+    B, L = ids.shape
+    cache = KVCache.for_model(model.config, B, capacity=L + steps)
+    logits = [prefill(model, ids, mask, cache)]
+    fed = []
+    for t in range(steps):
+        tok = tokens[:, t] if tokens is not None else logits[-1].argmax(-1)
+        fed.append(tok)
+        m = None if mask is None else torch.cat([mask, torch.ones(B, t + 1, dtype=mask.dtype)], dim=1)
+        logits.append(decode_step(model, tok, m, cache))
+    return torch.stack(logits), torch.stack(fed, dim=1)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 6])
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_decode_matches_plain_path(sliding_window, padded, monkeypatch):
+    """The fused decode attention and router kernels against the plain path (rotary, cache.update,
+    SDPA with a built mask, the torch router), which runs when autograd is on: same logits per step,
+    same greedy tokens, with left padding and with a rolling sliding-window cache (12 steps > 6)."""
+    import mixtral.model as model_mod
+    from mixtral.kernels.cpu import cpu_kernels
+
+    model = odd_model(seed=3, sliding_window=sliding_window, num_key_value_heads=5 if padded else 1)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(4)
+    ids = torch.randint(1, 97, (3, 9))
+    mask = None
+    if padded:
+        mask = torch.ones(3, 9, dtype=torch.long)
+        mask[1, :4] = 0
+        mask[2, :8] = 0  # one real token: early decode steps see few keys
+    with torch.enable_grad():  # every fast path is off with autograd on
+        ref, ref_tokens = decode_logits(model, ids, mask, 12)
+    calls = []
+    real = model_mod.decode_attention
+    monkeypatch.setattr(model_mod, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        fast, _ = decode_logits(model, ids, mask, 12, tokens=ref_tokens)
+        _, fast_tokens = decode_logits(model, ids, mask, 12)
+    assert len(calls) == (2 * 12 * 2 if cpu_kernels() is not None else 0)
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(fast_tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("N", [1, 3, 8])
+def test_router_kernel_matches_formula(N):
+    from mixtral.moe import Router
+
+    torch.manual_seed(N)
+    router = Router(70, 7, 3)
+    with torch.no_grad():
+        router.weight.normal_(0, 0.3)
+    x = torch.randn(N, 70)
+    logits = x @ router.weight.t()
+    probs = torch.softmax(logits, dim=-1)
+    w, ids = torch.topk(probs, 3, dim=-1)
+    with torch.inference_mode():
+        got_logits, got_w, got_ids = router(x)
+    torch.testing.assert_close(got_logits, logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_ids, ids)
+    torch.testing.assert_close(got_w, w / w.sum(-1, keepdim=True), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_decode_with_shared_position_ids():
+    """position_ids of shape (1, 1) broadcast over the batch, on the fused path as on the plain one."""
+    from mixtral.cache import KVCache
+
+    model = odd_model(seed=5)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ids = torch.randint(0, 97, (2, 5))
+    outs = []
+    for grad in (True, False):  # autograd on: the plain path
+        with torch.set_grad_enabled(grad):
+            cache = KVCache.for_model(model.config, 2, capacity=8)
+            model(ids, past_key_values=cache)
+            outs.append(model(ids[:, -1:], past_key_values=cache, position_ids=torch.tensor([[5]])).logits)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)

@@ -149,6 +149,17 @@ class KVCache:
         self._new_valid = new_valid
         return self._layout
 
+    def decode_slot(self) -> tuple[int, int] | None:
+        """For a one-token step: (slot the new key/value goes to, number of leading slots attended),
+        matching what ``update`` would write and return; None for a chunk of several tokens.
+        Lets a fused kernel write the slot itself (``model.decode_attention``)."""
+        if self._chunk != 1:
+            return None
+        n = self.seen
+        if self.window is None:
+            return n, n + 1
+        return n % self.window, self.window
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's keys/values (B, n_kv, T, hd) and return what the layer attends over."""
         T, n = self._chunk, self.seen

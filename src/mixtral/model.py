@@ -131,7 +131,10 @@ class Attention(nn.Module):
         """``mask`` is a boolean (B, 1, T, S) tensor, None (causal or all-visible), or on the
         layout-driven GPU path (``flash_attention_2`` on CUDA) the step's ``StepLayout`` itself."""
         B, T, _ = x.shape
-        q, k, v = project(self.qkv_proj, x).split(self.qkv_sizes, dim=-1)
+        qkv = project(self.qkv_proj, x)
+        if fused_decode_applies(x, cache, implementation, want_probs, self.training and self.dropout > 0):
+            return project(self.o_proj, decode_attention(self, qkv, cos, sin, cache)), None
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -153,6 +156,44 @@ class Attention(nn.Module):
             )
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return project(self.o_proj, out), probs
+
+
+def fused_decode_applies(x: torch.Tensor, cache: Any, implementation: str, want_probs: bool,
+                         dropout: bool) -> bool:
+    """Whether attention of this step runs as one ``decode_attention`` kernel call: one fp32 query
+    per row on CPU, no autograd or dropout, our own ``KVCache`` (not the server's), and no attention
+    probabilities wanted. ``eager`` stays the written-out reference. The kernel applies the mask
+    rule itself, so the model builds no mask tensor for such a step."""
+    if (x.shape[1] != 1 or type(cache) is not KVCache or x.device.type != "cpu" or x.dtype != torch.float32
+            or cache.dtype != torch.float32 or want_probs or dropout or implementation == "eager"
+            or torch.is_grad_enabled()):
+        return False
+    from .kernels.cpu import cpu_kernels
+
+    return cpu_kernels() is not None
+
+
+def decode_attention(attn: Attention, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     cache: KVCache) -> torch.Tensor:
+    """Decode attention in one C++ call (``fused_decode_applies`` says when): rotary on q and k, k/v
+    written into the cache slot, GQA attention over the keys held with the layout's mask rule.
+
+    Same numbers as the plain path (rotary, ``cache.update``, SDPA with ``build_mask``), without its
+    ~20 small torch ops per layer, which cost more than the arithmetic at one query.
+    qkv (B, 1, (nh + 2 nkv) hd), cos/sin (B, 1, 1, hd) -> (B, 1, nh hd).
+    """
+    from .kernels.cpu import cpu_kernels
+
+    B, hd = qkv.shape[0], cos.shape[-1]
+    slot, S = cache.decode_slot()
+    layout = cache._layout
+    # position_ids may be (1, 1) for the whole batch: cos/sin broadcast there, so expand them here.
+    cos, sin = cos.expand(B, 1, 1, hd).reshape(B, hd).contiguous(), sin.expand(B, 1, 1, hd).reshape(B, hd).contiguous()
+    out = cpu_kernels().decode_attention(
+        qkv.reshape(B, -1).contiguous(), cos, sin, cache.k[attn.layer_idx], cache.v[attn.layer_idx],
+        slot, S, layout.key_index, layout.key_valid, cache.seen, attn.window or 0, attn.num_heads,
+    )
+    return out.view(B, 1, -1)
 
 
 def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -393,6 +434,10 @@ class MixtralModel(MixtralPreTrainedModel):
             position_ids = derive_position_ids(new_valid, row_start, T)
         if record is None and not self.training and uses_layout_attention(self.attn_implementation, inputs_embeds):
             mask = layout  # flash-attn / SDPA / FlexAttention evaluate the rule without a dense mask
+        elif fused_decode_applies(inputs_embeds, past_key_values, self.attn_implementation,
+                                  record is not None and record.attentions is not None,
+                                  self.training and config.attention_dropout > 0):
+            mask = None  # the decode kernel evaluates the rule from the layout itself
         elif needs_mask(layout, config, past_key_values):
             mask = build_mask(layout, config.sliding_window)
         else:

@@ -36,7 +36,18 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (N, H) -> logits (N, E) in x's dtype, weights (N, K) fp32, ids (N, K)."""
+        """x (N, H) -> logits (N, E) in x's dtype, weights (N, K) fp32, ids (N, K).
+
+        Decode on CPU (a few fp32 rows, no autograd): the whole router in one kernel call, since its
+        five small torch ops cost more than the 8 x H products. Same numbers up to float rounding."""
+        if (x.shape[0] <= 8 and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and x.device.type == "cpu" and not torch.is_grad_enabled()):
+            from .kernels.cpu import cpu_kernels
+
+            ck = cpu_kernels()
+            if ck is not None:
+                logits, weights, ids = ck.route(x.contiguous(), self.weight.contiguous(), self.top_k)
+                return logits, weights, ids
         logits = F.linear(x, self.weight)
         probs = torch.softmax(logits.float(), dim=-1)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)

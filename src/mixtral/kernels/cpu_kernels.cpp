@@ -304,6 +304,137 @@ torch::Tensor dequantize_q4(torch::Tensor q, torch::Tensor scale, torch::Tensor 
   return w;
 }
 
+// ---- decode attention and routing: the small per-layer ops of one decode step, one call each ------
+
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// x (hd,) -> y (hd,) in the rotate-half layout: y = x * cos + cat(-x[half:], x[:half]) * sin.
+inline void rotate_half(const float* x, const float* c, const float* s, int64_t hd, float* y) {
+  const int64_t half = hd / 2;
+  for (int64_t i = 0; i < half; ++i) y[i] = x[i] * c[i] - x[i + half] * s[i];
+  for (int64_t i = half; i < hd; ++i) y[i] = x[i] * c[i] + x[i - half] * s[i];
+}
+
+// One query per row (decode): rotary on q and k, k/v written into cache slot `slot`, then attention of
+// every query head over the S keys held (GQA: query head h reads kv head h / (nh / nkv)).
+//   qkv (B, (nh + 2 nkv) hd) | cos, sin (B, hd) | k_cache, v_cache (B, nkv, C, hd)
+//   key_index (S,) token index per key, -1 = empty | key_valid (B, >= S) bool, any row stride
+// Key j is visible iff key_index[j] in (qpos - window, qpos] (window 0 = none) and key_valid[b, j];
+// a row that sees nothing sees everything (as build_mask does: its output is never used).
+torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+                               torch::Tensor v_cache, int64_t slot, int64_t S, torch::Tensor key_index,
+                               torch::Tensor key_valid, int64_t qpos, int64_t window, int64_t num_heads) {
+  const int64_t B = k_cache.size(0), nkv = k_cache.size(1), C = k_cache.size(2), hd = k_cache.size(3);
+  const int64_t nh = num_heads, rep = nh / nkv;
+  TORCH_CHECK(qkv.scalar_type() == torch::kFloat && qkv.is_contiguous() && qkv.dim() == 2 && qkv.size(0) == B
+              && qkv.size(1) == (nh + 2 * nkv) * hd, "qkv must be contiguous fp32 (B, (nh + 2 nkv) hd)");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == torch::kFloat
+              && v_cache.sizes() == k_cache.sizes(), "caches must be contiguous fp32 (B, nkv, C, hd)");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == B * hd && sin.numel() == B * hd,
+              "cos/sin must be contiguous (B, hd)");
+  TORCH_CHECK(nh % nkv == 0 && hd % 2 == 0 && slot >= 0 && slot < C && S >= 1 && S <= C, "bad sizes");
+  TORCH_CHECK(key_index.scalar_type() == torch::kLong && key_index.is_contiguous() && key_index.numel() >= S,
+              "key_index must be contiguous int64 (>= S,)");
+  TORCH_CHECK(key_valid.scalar_type() == torch::kBool && key_valid.dim() == 2 && key_valid.size(0) == B
+              && key_valid.size(1) >= S && key_valid.stride(1) == 1, "key_valid must be bool (B, >= S)");
+  auto out = torch::empty({B, nh * hd}, qkv.options());
+  auto qrot = torch::empty({B, nh * hd}, qkv.options());
+  auto allowed = std::vector<uint8_t>(B * S);
+  const float *qp = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>(), *qr = qrot.data_ptr<float>();
+  const int64_t* ki = key_index.data_ptr<int64_t>();
+  const bool* kv = key_valid.data_ptr<bool>();
+  const int64_t kv_stride = key_valid.stride(0), D = (nh + 2 * nkv) * hd;
+  for (int64_t b = 0; b < B; ++b) {
+    const float *row = qp + b * D, *c = cp + b * hd, *s = sp + b * hd;
+    for (int64_t h = 0; h < nh; ++h) rotate_half(row + h * hd, c, s, hd, qr + (b * nh + h) * hd);
+    for (int64_t g = 0; g < nkv; ++g) {
+      const int64_t at = ((b * nkv + g) * C + slot) * hd;
+      rotate_half(row + (nh + g) * hd, c, s, hd, kc + at);
+      std::copy(row + (nh + nkv + g) * hd, row + (nh + nkv + g + 1) * hd, vc + at);
+    }
+    bool any = false;
+    for (int64_t j = 0; j < S; ++j) {
+      const int64_t t = ki[j];
+      const bool ok = t >= 0 && t <= qpos && (window <= 0 || t > qpos - window) && kv[b * kv_stride + j];
+      allowed[b * S + j] = ok;
+      any = any || ok;
+    }
+    if (!any) std::fill(allowed.begin() + b * S, allowed.begin() + (b + 1) * S, 1);
+  }
+  const float scale = 1.f / std::sqrt(float(hd));
+  float* op = out.data_ptr<float>();
+  // Threads only pay off for long contexts: below ~64K multiply-adds per task, run serially.
+  const int64_t grain = std::max<int64_t>(1, 65536 / (S * hd));
+  at::parallel_for(0, B * nh, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(S);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / nh, g = (bh % nh) / rep;
+      const float* q = qr + bh * hd;
+      const float* keys = kc + (b * nkv + g) * C * hd;
+      const float* vals = vc + (b * nkv + g) * C * hd;
+      const uint8_t* ok = allowed.data() + b * S;
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < S; ++j)
+        if (ok[j]) { p[j] = dot_f32(q, keys + j * hd, hd) * scale; mx = std::max(mx, p[j]); }
+      float sum = 0.f;
+      for (int64_t j = 0; j < S; ++j) { p[j] = ok[j] ? std::exp(p[j] - mx) : 0.f; sum += p[j]; }
+      float* o = op + bh * hd;
+      std::fill(o, o + hd, 0.f);
+      const float inv = 1.f / sum;
+      for (int64_t j = 0; j < S; ++j) {
+        if (!ok[j]) continue;
+        const float w = p[j] * inv;
+        const float* v = vals + j * hd;
+        for (int64_t d = 0; d < hd; ++d) o[d] += w * v[d];
+      }
+    }
+  });
+  return out;
+}
+
+// The router for a few rows: logits = x w^T, softmax in fp32, top-k (lowest index first on ties),
+// renormalized. Returns (logits (N, E), weights (N, K) fp32, ids (N, K) int64).
+std::vector<torch::Tensor> route(torch::Tensor x, torch::Tensor w, int64_t top_k) {
+  const int64_t E = w.size(0), H = w.size(1), N = x.size(0);
+  check_x(x, H);
+  TORCH_CHECK(w.is_contiguous() && w.scalar_type() == torch::kFloat && top_k >= 1 && top_k <= E, "bad router");
+  auto logits = torch::empty({N, E}, x.options());
+  auto weights = torch::empty({N, top_k}, x.options());
+  auto ids = torch::empty({N, top_k}, x.options().dtype(torch::kLong));
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float *lp = logits.data_ptr<float>(), *op = weights.data_ptr<float>();
+  int64_t* ip = ids.data_ptr<int64_t>();
+  std::vector<float> prob(E);
+  std::vector<uint8_t> taken(E);
+  for (int64_t n = 0; n < N; ++n) {
+    float* l = lp + n * E;
+    float mx = -INFINITY, sum = 0.f;
+    for (int64_t e = 0; e < E; ++e) { l[e] = dot_f32(xp + n * H, wp + e * H, H); mx = std::max(mx, l[e]); }
+    for (int64_t e = 0; e < E; ++e) { prob[e] = std::exp(l[e] - mx); sum += prob[e]; }
+    std::fill(taken.begin(), taken.end(), 0);
+    float top = 0.f;
+    for (int64_t k = 0; k < top_k; ++k) {
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; ++e)
+        if (!taken[e] && (best < 0 || prob[e] > prob[best])) best = e;
+      taken[best] = 1;
+      ip[n * top_k + k] = best;
+      op[n * top_k + k] = prob[best] / sum;
+      top += prob[best] / sum;
+    }
+    for (int64_t k = 0; k < top_k; ++k) op[n * top_k + k] /= top;
+  }
+  return {logits, weights, ids};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_q8", &dequantize_q8);
   m.def("dequantize_q4", &dequantize_q4);
@@ -314,4 +445,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("experts_f32", &experts_f32);
   m.def("experts_q8", &experts_q8);
   m.def("experts_q4", &experts_q4);
+  m.def("decode_attention", &decode_attention);
+  m.def("route", &route);
 }
