@@ -285,6 +285,17 @@ class MixtralPreTrainedModel(nn.Module):
         self.config = config
         self.attn_implementation = attn_implementation
 
+    @property
+    def attn_implementation(self) -> str:
+        return self._attn_impl
+
+    @attn_implementation.setter
+    def attn_implementation(self, value: str) -> None:
+        # A head model's setting is its decoder's: switching one after construction switches both.
+        self._attn_impl = value
+        if "model" in self._modules and self.model is not self:
+            self.model.attn_implementation = value
+
     def init_weights(self) -> None:
         """normal(0, initializer_range) for every matrix, ones for norms (transformers' scheme)."""
         std = self.config.initializer_range
@@ -524,16 +535,6 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    @property
-    def attn_implementation(self) -> str:
-        return self._attn_impl
-
-    @attn_implementation.setter
-    def attn_implementation(self, value: str) -> None:
-        self._attn_impl = value
-        if "model" in self._modules:
-            self.model.attn_implementation = value
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -591,16 +592,6 @@ class MixtralForSequenceClassification(MixtralPreTrainedModel):
         self.model = MixtralModel(config, attn_implementation)
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         _normal_(self.score.weight, config.initializer_range)
-
-    @property
-    def attn_implementation(self) -> str:
-        return self._attn_impl
-
-    @attn_implementation.setter
-    def attn_implementation(self, value: str) -> None:
-        self._attn_impl = value
-        if "model" in self._modules:
-            self.model.attn_implementation = value
 
     def forward(
         self,
