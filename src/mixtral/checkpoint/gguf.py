@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..config import MixtralConfig
-from .loading import CheckpointError, Rule, TensorSource
+from .loading import CheckpointError, Rule, TensorSource, dense_as_one_expert
 from .mistral import half_to_interleaved, interleaved_to_half
 
 ARCH = "llama"
@@ -200,9 +200,8 @@ def gguf_rules(config: MixtralConfig, keys: set[str]) -> dict[str, Rule]:
             rules[p + "mlp.experts.down_proj"] = Rule(
                 tuple(f"{b}ffn_down.{e}.weight" for e in range(E)), torch.stack)
         else:  # dense: one expert
-            rules[p + "mlp.experts.gate_up_proj"] = Rule(
-                (b + "ffn_gate.weight", b + "ffn_up.weight"), lambda ts: torch.cat(ts)[None])
-            rules[p + "mlp.experts.down_proj"] = Rule((b + "ffn_down.weight",), lambda ts: ts[0][None])
+            rules.update(dense_as_one_expert(p, b + "ffn_gate.weight", b + "ffn_up.weight",
+                                             b + "ffn_down.weight", H))
         if E > 1 or b + "ffn_gate_inp.weight" in keys:
             rules[p + "mlp.gate.weight"] = Rule((b + "ffn_gate_inp.weight",))
         else:  # a single expert needs no router: its softmax weight is 1 whatever the logit

@@ -37,6 +37,17 @@ class Rule:
         return self.combine(tensors)
 
 
+def dense_as_one_expert(prefix: str, gate: str, up: str, down: str, hidden_size: int) -> dict[str, Rule]:
+    """Rules loading a dense SwiGLU MLP (checkpoint keys ``gate``/``up``/``down``) as the single
+    expert of layer ``prefix``. Its router gets a zero row: with one expert the softmax weight is 1
+    whatever the logit, so the layer computes exactly the dense MLP."""
+    return {
+        prefix + "mlp.gate.weight": Rule((), lambda ts: torch.zeros(1, hidden_size)),
+        prefix + "mlp.experts.gate_up_proj": Rule((gate, up), lambda ts: torch.cat(ts)[None]),
+        prefix + "mlp.experts.down_proj": Rule((down,), lambda ts: ts[0][None]),
+    }
+
+
 class TensorSource:
     """Read-only mapping from checkpoint key to tensor; ``where(key)`` names the file for errors."""
 

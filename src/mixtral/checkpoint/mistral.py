@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..config import MixtralConfig
-from .loading import CheckpointError, Rule, SafetensorsSource, TensorSource
+from .loading import CheckpointError, Rule, SafetensorsSource, TensorSource, dense_as_one_expert
 
 
 def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -176,11 +176,9 @@ def mistral_rules(config: MixtralConfig, keys: set[str]) -> dict[str, Rule]:
                 lambda ts: torch.stack([torch.cat([a, b]) for a, b in zip(ts[:E], ts[E:])]))
             rules[p + "mlp.experts.down_proj"] = Rule(
                 tuple(f"{ff}experts.{e}.w2.weight" for e in range(E)), torch.stack)
-        else:  # dense mistral-inference: one expert, a router whose single logit does not matter
-            rules[p + "mlp.gate.weight"] = Rule((), lambda ts: torch.zeros(1, config.hidden_size))
-            rules[p + "mlp.experts.gate_up_proj"] = Rule(
-                (ff + "w1.weight", ff + "w3.weight"), lambda ts: torch.cat(ts)[None])
-            rules[p + "mlp.experts.down_proj"] = Rule((ff + "w2.weight",), lambda ts: ts[0][None])
+        else:  # dense mistral-inference
+            rules.update(dense_as_one_expert(p, ff + "w1.weight", ff + "w3.weight", ff + "w2.weight",
+                                             config.hidden_size))
     return rules
 
 

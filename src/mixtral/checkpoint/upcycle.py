@@ -22,7 +22,15 @@ import torch
 
 from ..config import MixtralConfig
 from .hf import hf_rules
-from .loading import CheckpointError, Rule, SafetensorsSource, TensorSource, materialize, parse_dtype
+from .loading import (
+    CheckpointError,
+    Rule,
+    SafetensorsSource,
+    TensorSource,
+    dense_as_one_expert,
+    materialize,
+    parse_dtype,
+)
 
 # Where transformers' LlamaConfig/MistralConfig defaults differ from MixtralConfig's: a config.json
 # that omits these fields means the dense model's default, not ours.
@@ -60,10 +68,8 @@ def dense_hf_rules(config: MixtralConfig, keys: set[str]) -> dict[str, Rule]:
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         mlp = p + "mlp."
-        rules[mlp + "gate.weight"] = Rule((), lambda ts, H=config.hidden_size: torch.zeros(1, H))
-        rules[mlp + "experts.gate_up_proj"] = Rule(
-            (mlp + "gate_proj.weight", mlp + "up_proj.weight"), lambda ts: torch.cat(ts)[None])
-        rules[mlp + "experts.down_proj"] = Rule((mlp + "down_proj.weight",), lambda ts: ts[0][None])
+        rules.update(dense_as_one_expert(p, mlp + "gate_proj.weight", mlp + "up_proj.weight",
+                                         mlp + "down_proj.weight", config.hidden_size))
     return rules
 
 
