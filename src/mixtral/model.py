@@ -485,7 +485,7 @@ def _normal_(weight: torch.Tensor, std: float) -> None:
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     if input_ids.numel() == 0:
         raise ValueError("empty input: input_ids has no tokens")
-    lo, hi = int(input_ids.min()), int(input_ids.max())
+    lo, hi = (int(t) for t in torch.aminmax(input_ids))  # one pass over the ids instead of two
     if lo < 0 or hi >= vocab_size:
         bad = hi if hi >= vocab_size else lo
         raise ValueError(f"token id {bad} is out of range for vocab_size={vocab_size}")

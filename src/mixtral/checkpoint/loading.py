@@ -37,6 +37,17 @@ class Rule:
         return self.combine(tensors)
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``; anything else is a CheckpointError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
 def dense_as_one_expert(prefix: str, gate: str, up: str, down: str, hidden_size: int) -> dict[str, Rule]:
     """Rules loading a dense SwiGLU MLP (checkpoint keys ``gate``/``up``/``down``) as the single
     expert of layer ``prefix``. Its router gets a zero row: with one expert the softmax weight is 1

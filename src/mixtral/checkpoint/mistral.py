@@ -25,7 +25,6 @@ the same attention and norm keys; ``layers.N.feed_forward.gate.weight`` and
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 
 from ..config import MixtralConfig
-from .loading import CheckpointError, Rule, SafetensorsSource, TensorSource, dense_as_one_expert
+from .loading import CheckpointError, Rule, SafetensorsSource, TensorSource, dense_as_one_expert, read_json
 
 
 def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -187,10 +186,7 @@ def read_mistral(directory: Path) -> tuple[MixtralConfig, TensorSource, dict[str
     params_path = directory / "params.json"
     if not params_path.exists():
         raise CheckpointError(f"{directory}: no params.json (not a raw Mistral release)")
-    try:
-        params = json.loads(params_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{params_path}: not valid JSON ({e})") from e
+    params = read_json(params_path)
     config = config_from_params(params, params_path)
     source = _source(directory)
     keys = set(source.keys())

@@ -14,7 +14,6 @@ then wraps the one-expert rules: ``upcycle_rules``.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from .loading import (
     dense_as_one_expert,
     materialize,
     parse_dtype,
+    read_json,
 )
 
 # Where transformers' LlamaConfig/MistralConfig defaults differ from MixtralConfig's: a config.json
@@ -86,10 +86,7 @@ def read_dense(path: Path) -> tuple[MixtralConfig, TensorSource, dict[str, Rule]
     config_path = path / "config.json"
     if not config_path.exists():
         raise CheckpointError(f"{path}: neither a .gguf file nor a directory with config.json")
-    try:
-        data = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from e
+    data = read_json(config_path)
     config = config_from_dense_hf(data, config_path)
     source = SafetensorsSource.from_directory(path)
     return config, source, dense_hf_rules(config, set(source.keys()))
