@@ -129,16 +129,22 @@ def decode_logits(model, ids, mask, steps: int, tokens=None):
 
 @pytest.mark.parametrize("sliding_window", [None, 6])
 @pytest.mark.parametrize("padded", [False, True])
-def test_fused_decode_matches_plain_path(sliding_window, padded, monkeypatch):
-    """The fused decode attention and router kernels against the plain path (rotary, cache.update,
-    SDPA with a built mask, the torch router), which runs when autograd is on: same logits per step,
-    same greedy tokens, with left padding and with a rolling sliding-window cache (12 steps > 6)."""
+@pytest.mark.parametrize("whole_step", [True, False])
+def test_fused_decode_matches_plain_path(sliding_window, padded, whole_step, monkeypatch):
+    """The fused decode kernels against the plain path (rotary, cache.update, SDPA with a built
+    mask, the torch router, grouped experts), which runs when autograd is on: same logits per step,
+    same greedy tokens, with left padding and with a rolling sliding-window cache (12 steps > 6).
+    ``whole_step``: all layers in one ``decode_layers`` call; otherwise one layer's experts are set
+    to a path that call does not cover, so layers run one by one with the attention kernel."""
     import mixtral.model as model_mod
     from mixtral.kernels.cpu import cpu_kernels
 
     model = odd_model(seed=3, sliding_window=sliding_window, num_key_value_heads=5 if padded else 1)
     for p in model.parameters():
         p.requires_grad_(False)
+    if not whole_step:
+        model.model.layers[-1].mlp.experts.implementation = "grouped"
+    fn = "decode_layers" if whole_step else "decode_attention"
     torch.manual_seed(4)
     ids = torch.randint(1, 97, (3, 9))
     mask = None
@@ -149,12 +155,19 @@ def test_fused_decode_matches_plain_path(sliding_window, padded, monkeypatch):
     with torch.enable_grad():  # every fast path is off with autograd on
         ref, ref_tokens = decode_logits(model, ids, mask, 12)
     calls = []
-    real = model_mod.decode_attention
-    monkeypatch.setattr(model_mod, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    real = getattr(model_mod, fn)
+
+    def counted(*a):
+        out = real(*a)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(model_mod, fn, counted)
     with torch.inference_mode():
         fast, _ = decode_logits(model, ids, mask, 12, tokens=ref_tokens)
         _, fast_tokens = decode_logits(model, ids, mask, 12)
-    assert len(calls) == (2 * 12 * 2 if cpu_kernels() is not None else 0)
+    per_step = 1 if whole_step else model.config.num_hidden_layers
+    assert sum(calls) == (2 * 12 * per_step if cpu_kernels() is not None else 0)
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(fast_tokens, ref_tokens)
 

@@ -62,32 +62,62 @@ def test_int4_group_size_divides():
         int4_group_size(70, 32)
 
 
+def int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's Q8_0 activation rounding, written out: blocks of 32 along the last dimension,
+    scale = max|x| / 127, x -> round(x / scale) * scale (round half to even, as the kernel's nearbyint)."""
+    b = x.reshape(*x.shape[:-1], -1, 32)
+    scale = b.abs().amax(dim=-1, keepdim=True) / 127
+    q = torch.where(scale > 0, torch.round(b / torch.where(scale > 0, scale, 1)), 0)
+    return (q * scale).reshape(x.shape)
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 3, 20])
-def test_quant_linear_matches_dequantized(mode, rows):
+@pytest.mark.parametrize("activations", ["int8", "fp32"])
+def test_quant_linear_matches_dequantized(mode, rows, activations):
+    """Few rows run the decode kernels: with int8 activations they compute the dequantized weight
+    times the block-rounded activation; many rows (prefill) always use fp32 activations."""
     torch.manual_seed(rows)
     w = torch.randn(45, 160)
     lin = QuantLinear(QuantizedTensor.quantize(w, mode, 32))
+    lin.weight_q.int8_activations = activations == "int8"
     x = torch.randn(1, rows, 160)
     with torch.inference_mode():
         got = lin(x)
-    want = F.linear(x, lin.weight_q.dequantize())
+    x_seen = int8_blocks(x) if activations == "int8" and rows <= 8 else x
+    want = F.linear(x_seen, lin.weight_q.dequantize())
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def experts_with_int8_activations(x, ids, weights, gate_up, down):
+    """The experts formula with both products' inputs block-rounded, as the decode kernels do."""
+    out = torch.zeros_like(x)
+    inter = down.shape[-1]
+    for n in range(x.shape[0]):
+        for k, e in enumerate(ids[n].tolist()):
+            h = int8_blocks(x[n]) @ gate_up[e].t()
+            a = F.silu(h[:inter]) * h[inter:]
+            out[n] += weights[n, k] * (int8_blocks(a) @ down[e].t())
+    return out
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("N", [1, 5, 17])
-def test_quant_experts_match_reference(mode, N):
+@pytest.mark.parametrize("activations", ["int8", "fp32"])
+def test_quant_experts_match_reference(mode, N, activations):
     torch.manual_seed(N)
     E, H, I, K = 5, 96, 160, 2
     gu, dn = torch.randn(E, 2 * I, H) * 0.2, torch.randn(E, H, I) * 0.2
     experts = QuantExperts(QuantizedTensor.quantize(gu, mode, 32), QuantizedTensor.quantize(dn, mode, 32), F.silu)
+    for q in (experts.gate_up_q, experts.down_q):
+        q.int8_activations = activations == "int8"
     x = torch.randn(N, H)
     ids = torch.stack([torch.randperm(E)[:K] for _ in range(N)])
     w = torch.softmax(torch.randn(N, K), -1)
     with torch.inference_mode():
         got = experts(x, ids, w)
-    want = experts_reference(x, ids, w, experts.gate_up_q.dequantize(), experts.down_q.dequantize())
+    reference = experts_with_int8_activations if activations == "int8" and N <= 8 else experts_reference
+    want = reference(x, ids, w, experts.gate_up_q.dequantize(), experts.down_q.dequantize())
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -109,9 +139,10 @@ def dequantized_copy(model: MixtralForCausalLM, quantized: MixtralForCausalLM) -
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("lm_head", [False, True])
 def test_quantized_model_computes_its_dequantized_weights(mode, lm_head):
-    """Kernels and the prefill path compute exactly the float model of the dequantized weights."""
+    """With fp32 activations, kernels (including the whole-step decode) and the prefill path compute
+    exactly the float model of the dequantized weights."""
     model = small_model()
-    quantized = quantize_model(copy.deepcopy(model), mode, group_size=32, lm_head=lm_head)
+    quantized = quantize_model(copy.deepcopy(model), mode, group_size=32, lm_head=lm_head, activations="fp32")
     reference = dequantized_copy(model, quantized)
     for layer in reference.model.layers:
         layer.mlp.experts.implementation = "reference"
@@ -122,6 +153,30 @@ def test_quantized_model_computes_its_dequantized_weights(mode, lm_head):
         assert torch.equal(tokens, reference.generate(ids[:1], max_new_tokens=8))
     assert isinstance(quantized.model.layers[0].mlp.experts, QuantExperts)
     assert isinstance(quantized.lm_head, QuantLinear) == lm_head
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_int8_activations_decode_close_to_fp32_activations(mode):
+    """Decode with int8 activations (the default) stays near the exact weight-only decode: the
+    activation rounding adds ~2% relative logit error on these random weights (about what the int8
+    weight rounding itself costs, see BOUNDS below). One expert, so no routing flip can intervene."""
+    model = small_model(seed=3, num_local_experts=1, num_experts_per_tok=1)
+    exact = quantize_model(copy.deepcopy(model), mode, group_size=32, lm_head=True, activations="fp32")
+    fast = quantize_model(copy.deepcopy(model), mode, group_size=32, lm_head=True)
+    assert fast.quantization_config["activations"] == "int8"
+    ids = torch.randint(0, 113, (1, 6))
+    with torch.inference_mode():
+        tokens = exact.generate(ids, max_new_tokens=6)
+        want = exact(tokens).logits[:, 5:-1]  # position t predicts token t + 1
+        from mixtral.cache import KVCache
+        from mixtral.generation import decode_step, prefill
+
+        cache = KVCache.for_model(fast.config, 1)
+        steps = [prefill(fast, tokens[:, :6], None, cache)]
+        for t in range(6, tokens.shape[1] - 1):
+            steps.append(decode_step(fast, tokens[:, t], None, cache))
+        got = torch.stack(steps, dim=1)
+    assert ((got - want).norm() / want.norm()).item() < 0.05
 
 
 # Relative logit error against fp32 with one expert (no routing flips, which are discontinuous and
@@ -154,6 +209,11 @@ def test_save_load_round_trip(mode, tmp_path):
         at_load = MixtralForCausalLM.from_pretrained(src, quantize=mode)
     assert loaded.quantization_config["bits"] == (8 if mode == "int8" else 4)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # The activation setting is part of the checkpoint.
+    quantize_model(model, mode, group_size=32, activations="fp32")
+    model.save_pretrained(tmp_path / "exact")
+    exact = MixtralForCausalLM.from_pretrained(tmp_path / "exact")
+    assert not exact.model.layers[0].mlp.experts.gate_up_q.int8_activations
     assert isinstance(at_load.model.layers[1].mlp.experts, QuantExperts)
     # The quantized file is smaller than the float one.
     assert (tmp_path / mode / "model.safetensors").stat().st_size < (src / "model.safetensors").stat().st_size

@@ -196,6 +196,82 @@ def decode_attention(attn: Attention, qkv: torch.Tensor, cos: torch.Tensor, sin:
     return out.view(B, 1, -1)
 
 
+def _kernel_weight(module: nn.Module) -> list[torch.Tensor] | None:
+    """A projection's weight in the kernels' formats ([w] fp32, [q, scale] int8, [q, scale, min]
+    int4), or None when the kernels do not cover it (a bias, another dtype, a custom module)."""
+    if type(module) is nn.Linear:
+        w = module.weight
+        return [w] if module.bias is None and w.dtype == torch.float32 and w.is_contiguous() else None
+    q = getattr(module, "weight_q", None)  # mixtral.quant.QuantLinear
+    return list(q.kernel_args()) if q is not None else None
+
+
+def _kernel_experts(experts: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor], bool | None] | None:
+    """(gate_up, down, int8 activations or None for float) in the kernels' formats, or None."""
+    if experts.act is not F.silu:
+        return None
+    if hasattr(experts, "gate_up_q"):  # mixtral.quant.QuantExperts
+        return list(experts.gate_up_q.kernel_args()), list(experts.down_q.kernel_args()), \
+            experts.gate_up_q.int8_activations
+    if experts.implementation not in ("auto", "cpu") or experts.gate_up_proj.dtype != torch.float32:
+        return None
+    return [experts.gate_up_proj.contiguous()], [experts.down_proj.contiguous()], None
+
+
+def fused_layers_args(layers: nn.ModuleList) -> tuple[list[torch.Tensor], list[int], bool] | None:
+    """Every layer's weights as ``decode_layers`` takes them: (tensors, counts, quantize activations),
+    or None when some layer holds something the kernel does not cover (then the layers run one by one).
+
+    Gathered afresh each step rather than cached, so swapped modules or reassigned parameters can
+    never leave the kernel reading stale weights; it costs ~10 us a layer.
+    """
+    tensors: list[torch.Tensor] = []
+    counts: list[int] = []
+    quant: set[bool] = set()
+    for layer in layers:
+        attn, moe = layer.self_attn, layer.mlp
+        qkv, o, ex = _kernel_weight(attn.qkv_proj), _kernel_weight(attn.o_proj), _kernel_experts(moe.experts)
+        norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight, moe.gate.weight)
+        if qkv is None or o is None or ex is None or any(t.dtype != torch.float32 for t in norms):
+            return None
+        for proj in (attn.qkv_proj, attn.o_proj):
+            if hasattr(proj, "weight_q"):
+                quant.add(proj.weight_q.int8_activations)
+        if ex[2] is not None:
+            quant.add(ex[2])
+        tensors += [norms[0], *qkv, *o, norms[1], norms[2].contiguous(), *ex[0], *ex[1]]
+        counts += [len(qkv), len(o), len(ex[0]), len(ex[1])]
+    if len(quant) > 1:  # mixed activation settings: leave it to the per-module paths
+        return None
+    return tensors, counts, quant.pop() if quant else False
+
+
+def decode_layers(model: MixtralModel, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  cache: KVCache) -> torch.Tensor | None:
+    """All decoder layers of a decode step in one C++ call (``decode_layers`` in the CPU kernels), or
+    None when this step or model is not covered. Same numbers as the layer-by-layer path (up to float
+    rounding); it only removes the ~30 torch ops and module calls per layer between the kernels."""
+    config = model.config
+    if config.num_local_experts > 64 or h.shape[0] > 8:
+        return None
+    args = fused_layers_args(model.layers)
+    if args is None:
+        return None
+    from .kernels.cpu import cpu_kernels
+
+    tensors, counts, quant_act = args
+    B, hd = h.shape[0], cos.shape[-1]
+    slot, S = cache.decode_slot()
+    layout = cache._layout
+    cos, sin = cos.expand(B, 1, 1, hd).reshape(B, hd).contiguous(), sin.expand(B, 1, 1, hd).reshape(B, hd).contiguous()
+    out = cpu_kernels().decode_layers(
+        h.reshape(B, -1).contiguous(), cos, sin, tensors, counts, cache.k, cache.v, slot, S,
+        layout.key_index, layout.key_valid, cache.seen, config.sliding_window or 0,
+        config.num_attention_heads, config.rms_norm_eps, config.num_experts_per_tok, quant_act,
+    )
+    return out.view(B, 1, -1)
+
+
 def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``linear(x)``, through the AVX2 matrix-vector kernel for a few fp32 rows on CPU (decode).
 
@@ -209,7 +285,7 @@ def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
         ck = cpu_kernels()
         if ck is not None:
-            y = ck.linear_f32(x.reshape(-1, x.shape[-1]).contiguous(), linear.weight)
+            y = ck.linear(x.reshape(-1, x.shape[-1]).contiguous(), [linear.weight], False)
             return y.view(*x.shape[:-1], y.shape[-1])
     return linear(x)
 
@@ -458,10 +534,17 @@ class MixtralModel(MixtralPreTrainedModel):
         h = inputs_embeds
         if record is not None and record.hidden_states is not None:
             record.hidden_states.append(h)
-        for layer in self.layers:
-            h = layer(h, cos, sin, mask, past_key_values, self.attn_implementation, record)
-            if record is not None and record.hidden_states is not None:
-                record.hidden_states.append(h)
+        fused = None
+        if record is None and mask is None and fused_decode_applies(inputs_embeds, past_key_values,
+                                                                    self.attn_implementation, False, self.training):
+            fused = decode_layers(self, h, cos, sin, past_key_values)
+        if fused is not None:
+            h = fused
+        else:
+            for layer in self.layers:
+                h = layer(h, cos, sin, mask, past_key_values, self.attn_implementation, record)
+                if record is not None and record.hidden_states is not None:
+                    record.hidden_states.append(h)
         h = self.norm(h)
         if past_key_values is not None:
             past_key_values.end()

@@ -169,8 +169,8 @@ def experts_cpu(
 
         ck = cpu_kernels()
         if ck is not None:
-            return ck.experts_f32(x.contiguous(), ids, weights.float().contiguous(),
-                                  gate_up_proj.contiguous(), down_proj.contiguous())
+            return ck.experts(x.contiguous(), ids.long().contiguous(), weights.float().contiguous(),
+                              [gate_up_proj.contiguous()], [down_proj.contiguous()], False)
     return experts_grouped(x, ids, weights, gate_up_proj, down_proj, act)
 
 

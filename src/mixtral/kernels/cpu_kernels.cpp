@@ -1,10 +1,14 @@
-// AVX2 matrix-vector kernels for decode on x86 CPUs: fp32, int8 (per-row scale) and int4 (group-wise
-// scale + min) weights against fp32 activations, plus the whole SwiGLU experts step of one MoE
-// layer in one call (no host synchronisation, no per-expert Python).
+// AVX2 kernels for decode on x86 CPUs: matrix-vector products over fp32, int8 (per-row scale) and int4
+// (group-wise scale + min) weights, the SwiGLU experts step, decode attention, the router, and
+// `decode_layers`, which runs every decoder layer of one decode step in a single call.
 //
 // Decode reads every chosen weight once per token, so the kernels are written to stream weights at
-// memory speed: weights are widened to fp32 in registers, never in memory. They serve few rows
-// (decode, small batches); prefill goes through dequantize + matrix product in Python instead.
+// memory speed. fp32 weights meet fp32 activations. Quantized weights meet activations quantized to
+// int8 in blocks of 32 (one fp32 scale per block, as llama.cpp's Q8_0/Q8_1 do), so the inner loop is
+// an integer dot product (vpmaddubsw) instead of widening every weight to fp32, which is what bounds a
+// widening kernel on a small CPU. With `quant_act` false they widen weights to fp32 instead (exact
+// weight-only numbers, slower). Kernels serve few rows (decode, small batches); prefill dequantizes and
+// uses fp32 matrix products in Python.
 //
 // Layouts (see mixtral/quant/__init__.py for the file format):
 //   int8: q (O, K) int8, scale (O,) fp32:           w[o, k] = q[o, k] * scale[o]
@@ -14,7 +18,12 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <cmath>
+#include <vector>
+
 namespace {
+
+constexpr int64_t QB = 32;  // activation quantization block
 
 inline float hsum(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -24,12 +33,112 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// ---- activations ----------------------------------------------------------------------------------
+
+// One activation row as the row kernels read it: fp32 values, and for quantized weights either its
+// int8 blocks (q, d: scale per block of 32, s: d * sum of the block's q) or fp32 group sums (gsum, for
+// the int4 min term on the fp32 path).
+struct Act {
+  const float* x;
+  const int8_t* q = nullptr;
+  const float* d = nullptr;
+  const float* s = nullptr;
+  const float* gsum = nullptr;
+};
+
+// Block b (32 values at v) to int8: scale = max|v| / 127. Writes q, d[b] and s[b] = d * sum(q).
+inline void quantize_block(const float* v, int8_t* q, float* d, float* s) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < QB; ++i) amax = std::max(amax, std::fabs(v[i]));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  int sum = 0;
+  for (int64_t i = 0; i < QB; ++i) {
+    const int qi = int(std::nearbyint(v[i] * inv));
+    q[i] = int8_t(qi);
+    sum += qi;
+  }
+  *d = amax / 127.f;
+  *s = *d * float(sum);
+}
+
+// N activation rows of K, prepared once and read by every weight row. `quantized()` says whether the
+// rows are (to be) int8 blocks; a producer may fill them block by block with `quantize(n, b)` after
+// writing x (the experts step does, inside its parallel pass), or all at once with `fill()`.
+struct Acts {
+  const float* x;
+  int64_t N, K, G;
+  std::vector<int8_t> q;
+  std::vector<float> d, s, gsum;
+  int64_t ng = 0;
+
+  Acts(const float* x_, int64_t N_, int64_t K_, bool quant, int64_t G_) : x(x_), N(N_), K(K_), G(G_) {
+    if (quant && K % QB == 0) {
+      q.resize(N * K);
+      d.resize(N * (K / QB));
+      s.resize(N * (K / QB));
+    } else if (G > 0) {
+      ng = K / G;
+    }
+  }
+  bool quantized() const { return !q.empty(); }
+  void quantize(int64_t n, int64_t b) {
+    const int64_t at = n * (K / QB) + b;
+    quantize_block(x + at * QB, q.data() + at * QB, d.data() + at, s.data() + at);
+  }
+  Acts& fill() {
+    if (quantized()) {
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t b = 0; b < K / QB; ++b) quantize(n, b);
+    } else if (ng > 0) {
+      gsum.assign(N * ng, 0.f);
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < K; ++k) gsum[n * ng + k / G] += x[n * K + k];
+    }
+    return *this;
+  }
+  Act row(int64_t n) const {
+    Act a{x + n * K};
+    if (quantized()) {
+      a.q = q.data() + n * K;
+      a.d = d.data() + n * (K / QB);
+      a.s = s.data() + n * (K / QB);
+    } else if (ng > 0) {
+      a.gsum = gsum.data() + n * ng;
+    }
+    return a;
+  }
+};
+
+// 32 signed int8 products summed in fours to 8 int32 lanes, as floats. vpmaddubsw wants one unsigned
+// operand: |w| times x carrying w's sign gives the same products.
+inline __m256 dot_i8_block(__m256i w, __m256i x) {
+  const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+
+// 32 unsigned nibbles (0..15) times 32 signed int8: no sign trick needed.
+inline __m256 dot_u4_block(__m256i w, __m256i x) {
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+}
+
+inline __m256i load32(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
 // ---- one weight row . one activation row, per format --------------------------------------------
 
 struct F32Rows {
   const float* w; int64_t K;
-  inline float dot(int64_t o, const float* x, const float*) const {
+  inline float dot(int64_t o, const Act& a) const {
     const float* r = w + o * K;
+    const float* x = a.x;
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
@@ -51,8 +160,21 @@ inline __m256 widen8_i8(const int8_t* p) {
 
 struct Q8Rows {
   const int8_t* q; const float* scale; int64_t K;
-  inline float dot(int64_t o, const float* x, const float*) const {
+  inline float dot(int64_t o, const Act& a) const {
     const int8_t* r = q + o * K;
+    if (a.q) {  // int8 x int8 blocks
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      int64_t b = 0;
+      const int64_t nb = K / QB;
+      for (; b + 2 <= nb; b += 2) {
+        a0 = _mm256_fmadd_ps(dot_i8_block(load32(r + b * QB), load32(a.q + b * QB)), _mm256_set1_ps(a.d[b]), a0);
+        a1 = _mm256_fmadd_ps(dot_i8_block(load32(r + (b + 1) * QB), load32(a.q + (b + 1) * QB)),
+                             _mm256_set1_ps(a.d[b + 1]), a1);
+      }
+      if (b < nb) a0 = _mm256_fmadd_ps(dot_i8_block(load32(r + b * QB), load32(a.q + b * QB)), _mm256_set1_ps(a.d[b]), a0);
+      return hsum(_mm256_add_ps(a0, a1)) * scale[o];
+    }
+    const float* x = a.x;
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
@@ -68,11 +190,11 @@ struct Q8Rows {
   }
 };
 
-// int4: K and the group size G are multiples of 32. xsum holds the sum of x over each group, so the
-// min term costs one multiply-add per group: sum_k (n*s + m) x = s * sum_k n x + m * sum_k x.
+// int4: K and the group size G are multiples of 32. The min term costs one multiply-add per block:
+// sum_k (n*s + m) x = s * sum_k n x + m * sum_k x.
 struct Q4Rows {
   const uint8_t* q; const float* scale; const float* minv; int64_t K, G;
-  inline float dot(int64_t o, const float* x, const float* xsum) const {
+  inline float dot(int64_t o, const Act& a) const {
     const uint8_t* r = q + o * (K / 2);
     const int64_t ng = K / G;
     const float* sc = scale + o * ng;
@@ -80,6 +202,40 @@ struct Q4Rows {
     const __m128i low = _mm_set1_epi8(0x0F);
     __m256 acc = _mm256_setzero_ps();
     float tail = 0.f;
+    if (a.q) {  // nibbles x int8 blocks; the block's scale times the group's scale
+      // Two accumulators: one fma chain per block would bound the loop by its latency.
+      const int64_t per = G / QB, nb = K / QB;
+      const __m256i lowm = _mm256_set1_epi8(0x0F);
+      auto block = [&](int64_t b) {  // byte j of a 32-run holds weights j (low nibble) and j + 16 (high)
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + b * QB / 2));
+        const __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), lowm);
+        return dot_u4_block(w, load32(a.q + b * QB));
+      };
+      __m256 acc1 = _mm256_setzero_ps();
+      if (per == 1) {
+        int64_t b = 0;
+        for (; b + 2 <= nb; b += 2) {
+          acc = _mm256_fmadd_ps(block(b), _mm256_set1_ps(sc[b] * a.d[b]), acc);
+          acc1 = _mm256_fmadd_ps(block(b + 1), _mm256_set1_ps(sc[b + 1] * a.d[b + 1]), acc1);
+        }
+        if (b < nb) acc = _mm256_fmadd_ps(block(b), _mm256_set1_ps(sc[b] * a.d[b]), acc);
+        return hsum(_mm256_add_ps(acc, acc1)) + dot_f32(mn, a.s, nb);  // min term: sum_b m_b s_b
+      }
+      for (int64_t g = 0; g < ng; ++g) {
+        const int64_t b0 = g * per;
+        int64_t j = 0;
+        for (; j + 2 <= per; j += 2) {
+          acc = _mm256_fmadd_ps(block(b0 + j), _mm256_set1_ps(sc[g] * a.d[b0 + j]), acc);
+          acc1 = _mm256_fmadd_ps(block(b0 + j + 1), _mm256_set1_ps(sc[g] * a.d[b0 + j + 1]), acc1);
+        }
+        if (j < per) acc = _mm256_fmadd_ps(block(b0 + j), _mm256_set1_ps(sc[g] * a.d[b0 + j]), acc);
+        float sg = 0.f;
+        for (j = 0; j < per; ++j) sg += a.s[b0 + j];
+        tail += mn[g] * sg;
+      }
+      return hsum(_mm256_add_ps(acc, acc1)) + tail;
+    }
+    const float* x = a.x;
     for (int64_t g = 0; g < ng; ++g) {
       __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
       for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
@@ -93,181 +249,350 @@ struct Q4Rows {
                              _mm256_loadu_ps(x + k + 24), a1);
       }
       acc = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(sc[g]), acc);
-      tail += mn[g] * xsum[g];
+      tail += mn[g] * a.gsum[g];
     }
     return hsum(acc) + tail;
   }
 };
 
-// Per-row group sums of x (only int4 needs them).
-std::vector<float> group_sums(const float* x, int64_t N, int64_t K, int64_t G) {
-  if (G <= 0) return {};
-  std::vector<float> s(N * (K / G), 0.f);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < K; ++k) s[n * (K / G) + k / G] += x[n * K + k];
-  return s;
-}
-
 constexpr int64_t kGrain = 16;  // output rows per task: small enough to split a 576-row matrix evenly
 
 template <class Rows>
-void gemv_rows(const Rows& rows, const float* x, const float* xsum, int64_t N, int64_t K, int64_t O,
-               int64_t ng, float* y) {
+void gemv_rows(const Rows& rows, const Acts& acts, int64_t N, int64_t O, float* y) {
   at::parallel_for(0, O, kGrain, [&](int64_t b, int64_t e) {
-    for (int64_t o = b; o < e; ++o)
-      for (int64_t n = 0; n < N; ++n) y[n * O + o] = rows.dot(o, x + n * K, xsum + n * ng);
+    for (int64_t n = 0; n < N; ++n) {
+      const Act a = acts.row(n);
+      for (int64_t o = b; o < e; ++o) y[n * O + o] = rows.dot(o, a);
+    }
   });
 }
 
-// The experts step for N tokens: for each token, the K chosen experts' gate|up rows in one parallel
-// pass, SwiGLU, then the down rows of all K experts in a second pass, weighted and summed.
-template <class MakeRows>
-torch::Tensor experts_impl(const torch::Tensor& x, const torch::Tensor& ids, const torch::Tensor& weights,
-                           int64_t E, int64_t I, int64_t G, MakeRows make) {
-  const int64_t N = x.size(0), H = x.size(1), K = ids.size(1);
-  auto out = torch::empty({N, H}, x.options());
-  auto hbuf = torch::empty({K, 2 * I}, x.options());
-  auto abuf = torch::empty({K, I}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const int64_t* idp = ids.data_ptr<int64_t>();
-  const float* wp = weights.data_ptr<float>();
-  float* h = hbuf.data_ptr<float>();
-  float* a = abuf.data_ptr<float>();
-  std::vector<float> xs = group_sums(xp, N, H, G), as(G > 0 ? K * (I / G) : 0);
-  for (int64_t n = 0; n < N; ++n) {
-    const float* xn = xp + n * H;
-    const float* xsn = G > 0 ? xs.data() + n * (H / G) : nullptr;
-    std::vector<int64_t> ex(K);
-    for (int64_t k = 0; k < K; ++k) {
-      ex[k] = idp[n * K + k];
-      TORCH_CHECK(ex[k] >= 0 && ex[k] < E, "expert id out of range");
+// ---- a weight in any of the three formats ----------------------------------------------------------
+
+enum Kind : int64_t { F32 = 0, Q8 = 1, Q4 = 2 };
+
+// The tensors of one weight, as Python passes them: [w] fp32 | [q, scale] int8 | [q, scale, min] int4.
+// A stack of experts has a leading E dimension; `at(e)` gives expert e's matrix.
+struct Weight {
+  Kind kind = F32;
+  const void* q = nullptr;
+  const float* scale = nullptr;
+  const float* minv = nullptr;
+  int64_t O = 0, K = 0, G = 0;  // one matrix: O rows of K inputs; int4 groups of G
+  int64_t ng = 0;
+
+  static Weight of(const torch::Tensor* t, int64_t n, bool stacked) {
+    Weight w;
+    const int64_t lead = stacked ? 1 : 0;
+    TORCH_CHECK(n >= 1 && n <= 3, "a weight is 1 (fp32), 2 (int8) or 3 (int4) tensors");
+    for (int64_t i = 0; i < n; ++i) TORCH_CHECK(t[i].is_contiguous() && t[i].device().is_cpu(), "weights must be contiguous CPU tensors");
+    TORCH_CHECK(t[0].dim() == 2 + lead, "weight has ", t[0].dim(), " dims, expected ", 2 + lead);
+    w.kind = Kind(n - 1);
+    w.O = t[0].size(lead);
+    if (w.kind == F32) {
+      TORCH_CHECK(t[0].scalar_type() == torch::kFloat, "fp32 weight expected");
+      w.K = t[0].size(lead + 1);
+    } else if (w.kind == Q8) {
+      TORCH_CHECK(t[0].scalar_type() == torch::kChar && t[1].scalar_type() == torch::kFloat, "int8 weight expected");
+      w.K = t[0].size(lead + 1);
+      w.scale = t[1].data_ptr<float>();
+    } else {
+      TORCH_CHECK(t[0].scalar_type() == torch::kByte && t[1].scalar_type() == torch::kFloat
+                  && t[2].scalar_type() == torch::kFloat && t[1].sizes() == t[2].sizes(), "int4 weight expected");
+      w.K = t[0].size(lead + 1) * 2;
+      w.ng = t[1].size(lead + 1);
+      w.G = w.K / w.ng;
+      TORCH_CHECK(w.G % 32 == 0 && w.K % w.G == 0, "int4 group size must be a multiple of 32 dividing K");
+      w.scale = t[1].data_ptr<float>();
+      w.minv = t[2].data_ptr<float>();
     }
-    at::parallel_for(0, K * 2 * I, kGrain, [&](int64_t b, int64_t e) {
-      for (int64_t j = b; j < e; ++j) {
-        int64_t k = j / (2 * I), o = j % (2 * I);
-        h[j] = make.gate_up(ex[k]).dot(o, xn, xsn);
-      }
-    });
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t i = 0; i < I; ++i) {
-        float g = h[k * 2 * I + i];
-        a[k * I + i] = g / (1.f + std::exp(-g)) * h[k * 2 * I + I + i];
-      }
-    if (G > 0)
-      for (int64_t k = 0; k < K; ++k) {
-        auto s = group_sums(a + k * I, 1, I, G);
-        std::copy(s.begin(), s.end(), as.begin() + k * (I / G));
-      }
-    float* yn = out.data_ptr<float>() + n * H;
-    at::parallel_for(0, H, kGrain, [&](int64_t b, int64_t e) {
-      for (int64_t o = b; o < e; ++o) {
-        float s = 0.f;
-        for (int64_t k = 0; k < K; ++k)
-          s += wp[n * K + k] * make.down(ex[k]).dot(o, a + k * I, G > 0 ? as.data() + k * (I / G) : nullptr);
-        yn[o] = s;
-      }
-    });
+    w.q = t[0].data_ptr();
+    return w;
   }
-  return out;
-}
 
-void check_x(const torch::Tensor& x, int64_t K) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous() && x.size(1) == K,
-              "x must be contiguous fp32 (N, K)");
-}
-
-}  // namespace
-
-torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w) {
-  const int64_t O = w.size(0), K = w.size(1), N = x.size(0);
-  check_x(x, K);
-  auto y = torch::empty({N, O}, x.options());
-  gemv_rows(F32Rows{w.data_ptr<float>(), K}, x.data_ptr<float>(), nullptr, N, K, O, 0, y.data_ptr<float>());
-  return y;
-}
-
-torch::Tensor linear_q8(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
-  const int64_t O = q.size(0), K = q.size(1), N = x.size(0);
-  check_x(x, K);
-  auto y = torch::empty({N, O}, x.options());
-  gemv_rows(Q8Rows{q.data_ptr<int8_t>(), scale.data_ptr<float>(), K}, x.data_ptr<float>(), nullptr, N, K, O, 0,
-            y.data_ptr<float>());
-  return y;
-}
-
-torch::Tensor linear_q4(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor minv) {
-  const int64_t O = q.size(0), K = q.size(1) * 2, N = x.size(0), ng = scale.size(1), G = K / ng;
-  check_x(x, K);
-  TORCH_CHECK(G % 32 == 0 && K % G == 0, "int4 group size must be a multiple of 32 dividing K");
-  auto xs = group_sums(x.data_ptr<float>(), N, K, G);
-  auto y = torch::empty({N, O}, x.options());
-  gemv_rows(Q4Rows{q.data_ptr<uint8_t>(), scale.data_ptr<float>(), minv.data_ptr<float>(), K, G},
-            x.data_ptr<float>(), xs.data(), N, K, O, ng, y.data_ptr<float>());
-  return y;
-}
-
-torch::Tensor experts_f32(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, torch::Tensor gate_up,
-                          torch::Tensor down) {
-  const int64_t E = gate_up.size(0), I = down.size(2), H = down.size(1);
-  check_x(x, H);
-  const float* gu = gate_up.data_ptr<float>();
-  const float* dn = down.data_ptr<float>();
-  struct Make {
-    const float *gu, *dn; int64_t H, I;
-    F32Rows gate_up(int64_t e) const { return {gu + e * 2 * I * H, H}; }
-    F32Rows down(int64_t e) const { return {dn + e * H * I, I}; }
-  } make{gu, dn, H, I};
-  return experts_impl(x, ids, weights, E, I, 0, make);
-}
-
-torch::Tensor experts_q8(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, torch::Tensor gu_q,
-                         torch::Tensor gu_s, torch::Tensor dn_q, torch::Tensor dn_s) {
-  const int64_t E = gu_q.size(0), I = dn_q.size(2), H = dn_q.size(1);
-  check_x(x, H);
-  struct Make {
-    const int8_t *gq, *dq; const float *gs, *ds; int64_t H, I;
-    Q8Rows gate_up(int64_t e) const { return {gq + e * 2 * I * H, gs + e * 2 * I, H}; }
-    Q8Rows down(int64_t e) const { return {dq + e * H * I, ds + e * H, I}; }
-  } make{gu_q.data_ptr<int8_t>(), dn_q.data_ptr<int8_t>(), gu_s.data_ptr<float>(), dn_s.data_ptr<float>(), H, I};
-  return experts_impl(x, ids, weights, E, I, 0, make);
-}
-
-// int4 experts: gate_up and down must share one group size G (dividing both H and I).
-torch::Tensor experts_q4(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, torch::Tensor gu_q,
-                         torch::Tensor gu_s, torch::Tensor gu_m, torch::Tensor dn_q, torch::Tensor dn_s,
-                         torch::Tensor dn_m) {
-  const int64_t E = gu_q.size(0), H = gu_q.size(2) * 2, I = dn_q.size(2) * 2;
-  const int64_t G = H / gu_s.size(2);
-  TORCH_CHECK(G % 32 == 0 && I / dn_s.size(2) == G, "int4 experts need one group size (multiple of 32)");
-  check_x(x, H);
-  struct Make {
-    const uint8_t *gq, *dq; const float *gs, *gm, *ds, *dm; int64_t H, I, G;
-    Q4Rows gate_up(int64_t e) const {
-      return {gq + e * 2 * I * H / 2, gs + e * 2 * I * (H / G), gm + e * 2 * I * (H / G), H, G};
+  // Expert e of a stack.
+  Weight at(int64_t e) const {
+    Weight w = *this;
+    if (kind == F32) {
+      w.q = static_cast<const float*>(q) + e * O * K;
+    } else if (kind == Q8) {
+      w.q = static_cast<const int8_t*>(q) + e * O * K;
+      w.scale = scale + e * O;
+    } else {
+      w.q = static_cast<const uint8_t*>(q) + e * O * K / 2;
+      w.scale = scale + e * O * ng;
+      w.minv = minv + e * O * ng;
     }
-    Q4Rows down(int64_t e) const { return {dq + e * H * I / 2, ds + e * H * (I / G), dm + e * H * (I / G), I, G}; }
-  } make{gu_q.data_ptr<uint8_t>(), dn_q.data_ptr<uint8_t>(), gu_s.data_ptr<float>(), gu_m.data_ptr<float>(),
-         dn_s.data_ptr<float>(), dn_m.data_ptr<float>(), H, I, G};
-  return experts_impl(x, ids, weights, E, I, G, make);
-}
+    return w;
+  }
 
-// RMSNorm of a few rows, serial: at decode sizes the op's dispatch and threading cost more than the math.
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
-  const int64_t H = w.size(0), N = x.numel() / H;
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && w.is_contiguous(), "fp32 contiguous");
-  auto y = torch::empty_like(x);
-  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  F32Rows f32() const { return {static_cast<const float*>(q), K}; }
+  Q8Rows q8() const { return {static_cast<const int8_t*>(q), scale, K}; }
+  Q4Rows q4() const { return {static_cast<const uint8_t*>(q), scale, minv, K, G}; }
+
+  // Activations as this weight's kernel reads them (unfilled: see Acts).
+  Acts acts_for(const float* x, int64_t N, bool quant_act) const {
+    return Acts(x, N, K, quant_act && kind != F32, kind == Q4 ? G : 0);
+  }
+
+  // y (N, O) = x (N, K) . w^T, activations from `acts_for(...).fill()`.
+  void apply(const Acts& acts, int64_t N, float* y) const {
+    switch (kind) {
+      case F32: gemv_rows(f32(), acts, N, O, y); break;
+      case Q8: gemv_rows(q8(), acts, N, O, y); break;
+      case Q4: gemv_rows(q4(), acts, N, O, y); break;
+    }
+  }
+  void apply(const float* x, int64_t N, float* y, bool quant_act) const { apply(acts_for(x, N, quant_act).fill(), N, y); }
+
+  float dot(int64_t o, const Act& a) const {
+    switch (kind) {
+      case F32: return f32().dot(o, a);
+      case Q8: return q8().dot(o, a);
+      default: return q4().dot(o, a);
+    }
+  }
+};
+
+// ---- the per-layer pieces, on raw pointers ------------------------------------------------------
+
+// RMSNorm of a few rows, serial: at decode sizes threading costs more than the math.
+void rms_norm_rows(const float* x, const float* w, int64_t N, int64_t H, double eps, float* y) {
   for (int64_t n = 0; n < N; ++n) {
-    const float* r = xp + n * H;
+    const float* r = x + n * H;
     __m256 acc = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 8 <= H; k += 8) { __m256 v = _mm256_loadu_ps(r + k); acc = _mm256_fmadd_ps(v, v, acc); }
     float ss = hsum(acc);
     for (; k < H; ++k) ss += r[k] * r[k];
     const float inv = 1.f / std::sqrt(ss / float(H) + float(eps));
-    for (k = 0; k < H; ++k) yp[n * H + k] = wp[k] * (r[k] * inv);
+    for (k = 0; k < H; ++k) y[n * H + k] = w[k] * (r[k] * inv);
   }
+}
+
+// The experts step for N tokens. Per token, pass 1 runs in parallel over blocks of 32 intermediate
+// units of the K chosen experts: each task reads the block's gate and up rows, applies SwiGLU and
+// quantizes the block for the down product, so nothing between the two products runs serially.
+// Pass 2 runs the down rows of all K experts, weighted and summed into y (added to y if `accumulate`:
+// the residual add of the fused layer).
+void experts_rows(const Weight& gate_up, const Weight& down, const float* x, const int64_t* ids,
+                  const float* weights, int64_t N, int64_t K, int64_t E, bool quant_act, bool accumulate, float* y) {
+  const int64_t H = gate_up.K, I = down.K, nblk = (I + QB - 1) / QB;
+  std::vector<float> act(K * I);
+  std::vector<Weight> gu(K), dn(K);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t e = ids[n * K + k];
+      TORCH_CHECK(e >= 0 && e < E, "expert id ", e, " out of range [0, ", E, ")");
+      gu[k] = gate_up.at(e);
+      dn[k] = down.at(e);
+    }
+    const Acts xa = std::move(gate_up.acts_for(x + n * H, 1, quant_act).fill());
+    const Act xr = xa.row(0);
+    Acts aa = down.acts_for(act.data(), K, quant_act);
+    at::parallel_for(0, K * nblk, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t k = t / nblk, i0 = (t % nblk) * QB, i1 = std::min(I, i0 + QB);
+        for (int64_t i = i0; i < i1; ++i) {
+          const float g = gu[k].dot(i, xr), u = gu[k].dot(I + i, xr);
+          act[k * I + i] = g / (1.f + std::exp(-g)) * u;
+        }
+        if (aa.quantized()) aa.quantize(k, t % nblk);
+      }
+    });
+    if (!aa.quantized()) aa.fill();  // fp32 int4 path: group sums
+    std::vector<Act> ar(K);
+    for (int64_t k = 0; k < K; ++k) ar[k] = aa.row(k);
+    float* yn = y + n * H;
+    const float* wn = weights + n * K;
+    at::parallel_for(0, H, kGrain, [&](int64_t b, int64_t e) {
+      for (int64_t o = b; o < e; ++o) {
+        float s = 0.f;
+        for (int64_t k = 0; k < K; ++k) s += wn[k] * dn[k].dot(o, ar[k]);
+        yn[o] = accumulate ? yn[o] + s : s;
+      }
+    });
+  }
+}
+
+// x (hd,) -> y (hd,) in the rotate-half layout: y = x * cos + cat(-x[half:], x[:half]) * sin.
+inline void rotate_half(const float* x, const float* c, const float* s, int64_t hd, float* y) {
+  const int64_t half = hd / 2;
+  for (int64_t i = 0; i < half; ++i) y[i] = x[i] * c[i] - x[i + half] * s[i];
+  for (int64_t i = half; i < hd; ++i) y[i] = x[i] * c[i] + x[i - half] * s[i];
+}
+
+// The step's attention geometry, shared by all layers of a decode step.
+struct Step {
+  int64_t B, nh, nkv, hd, C, slot, S, qpos, window;
+  const float *cos, *sin;         // (B, hd)
+  const int64_t* key_index;       // (>= S,) token index per key, -1 = empty
+  const bool* key_valid;          // (B, >= S) with row stride kv_stride
+  int64_t kv_stride;
+  std::vector<uint8_t> allowed;   // (B, S): the mask rule, evaluated once per step
+};
+
+// Key j is visible iff key_index[j] in (qpos - window, qpos] (window 0 = none) and key_valid[b, j];
+// a row that sees nothing sees everything (as build_mask does: its output is never used).
+void fill_allowed(Step& st) {
+  st.allowed.assign(st.B * st.S, 0);
+  for (int64_t b = 0; b < st.B; ++b) {
+    bool any = false;
+    for (int64_t j = 0; j < st.S; ++j) {
+      const int64_t t = st.key_index[j];
+      const bool ok = t >= 0 && t <= st.qpos && (st.window <= 0 || t > st.qpos - st.window)
+                      && st.key_valid[b * st.kv_stride + j];
+      st.allowed[b * st.S + j] = ok;
+      any = any || ok;
+    }
+    if (!any) std::fill(st.allowed.begin() + b * st.S, st.allowed.begin() + (b + 1) * st.S, 1);
+  }
+}
+
+// One query per row: rotary on q and k, k/v written into cache slot `slot`, then attention of every
+// query head over the S keys held (GQA: query head h reads kv head h / (nh / nkv)).
+// qkv (B, (nh + 2 nkv) hd) -> out (B, nh hd); kc, vc (B, nkv, C, hd).
+void attention_rows(const Step& st, const float* qkv, float* kc, float* vc, float* out) {
+  const int64_t B = st.B, nh = st.nh, nkv = st.nkv, hd = st.hd, C = st.C, S = st.S, rep = nh / nkv;
+  const int64_t D = (nh + 2 * nkv) * hd;
+  std::vector<float> qr(B * nh * hd);
+  for (int64_t b = 0; b < B; ++b) {
+    const float *row = qkv + b * D, *c = st.cos + b * hd, *s = st.sin + b * hd;
+    for (int64_t h = 0; h < nh; ++h) rotate_half(row + h * hd, c, s, hd, qr.data() + (b * nh + h) * hd);
+    for (int64_t g = 0; g < nkv; ++g) {
+      const int64_t at = ((b * nkv + g) * C + st.slot) * hd;
+      rotate_half(row + (nh + g) * hd, c, s, hd, kc + at);
+      std::copy(row + (nh + nkv + g) * hd, row + (nh + nkv + g + 1) * hd, vc + at);
+    }
+  }
+  const float scale = 1.f / std::sqrt(float(hd));
+  // Threads only pay off for long contexts: below ~64K multiply-adds per task, run serially.
+  const int64_t grain = std::max<int64_t>(1, 65536 / (S * hd));
+  at::parallel_for(0, B * nh, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(S);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / nh, g = (bh % nh) / rep;
+      const float* q = qr.data() + bh * hd;
+      const float* keys = kc + (b * nkv + g) * C * hd;
+      const float* vals = vc + (b * nkv + g) * C * hd;
+      const uint8_t* ok = st.allowed.data() + b * S;
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < S; ++j)
+        if (ok[j]) { p[j] = dot_f32(q, keys + j * hd, hd) * scale; mx = std::max(mx, p[j]); }
+      float sum = 0.f;
+      for (int64_t j = 0; j < S; ++j) { p[j] = ok[j] ? std::exp(p[j] - mx) : 0.f; sum += p[j]; }
+      float* o = out + bh * hd;
+      std::fill(o, o + hd, 0.f);
+      const float inv = 1.f / sum;
+      for (int64_t j = 0; j < S; ++j) {
+        if (!ok[j]) continue;
+        const float w = p[j] * inv;
+        const float* v = vals + j * hd;
+        for (int64_t d = 0; d < hd; ++d) o[d] += w * v[d];
+      }
+    }
+  });
+}
+
+// The router for a few rows: logits = x w^T, softmax in fp32, top-k (lowest index first on ties),
+// renormalized. logits may be null (not wanted).
+void route_rows(const float* x, const float* w, int64_t N, int64_t H, int64_t E, int64_t top_k, float* logits,
+                float* weights, int64_t* ids) {
+  std::vector<float> l(E), prob(E);
+  std::vector<uint8_t> taken(E);
+  for (int64_t n = 0; n < N; ++n) {
+    float mx = -INFINITY, sum = 0.f;
+    for (int64_t e = 0; e < E; ++e) { l[e] = dot_f32(x + n * H, w + e * H, H); mx = std::max(mx, l[e]); }
+    if (logits) std::copy(l.begin(), l.end(), logits + n * E);
+    for (int64_t e = 0; e < E; ++e) { prob[e] = std::exp(l[e] - mx); sum += prob[e]; }
+    std::fill(taken.begin(), taken.end(), 0);
+    float top = 0.f;
+    for (int64_t k = 0; k < top_k; ++k) {
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; ++e)
+        if (!taken[e] && (best < 0 || prob[e] > prob[best])) best = e;
+      taken[best] = 1;
+      ids[n * top_k + k] = best;
+      weights[n * top_k + k] = prob[best] / sum;
+      top += prob[best] / sum;
+    }
+    for (int64_t k = 0; k < top_k; ++k) weights[n * top_k + k] /= top;
+  }
+}
+
+void check_x(const torch::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous() && x.size(1) == K,
+              "x must be contiguous fp32 (N, ", K, "), got ", x.sizes());
+}
+
+Step make_step(const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& k_cache, int64_t slot,
+               int64_t S, const torch::Tensor& key_index, const torch::Tensor& key_valid, int64_t qpos,
+               int64_t window, int64_t num_heads) {
+  Step st;
+  st.B = k_cache.size(0); st.nkv = k_cache.size(1); st.C = k_cache.size(2); st.hd = k_cache.size(3);
+  st.nh = num_heads; st.slot = slot; st.S = S; st.qpos = qpos; st.window = window;
+  TORCH_CHECK(st.nh % st.nkv == 0 && st.hd % 2 == 0 && slot >= 0 && slot < st.C && S >= 1 && S <= st.C,
+              "bad attention sizes");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == torch::kFloat
+              && sin.scalar_type() == torch::kFloat && cos.numel() == st.B * st.hd && sin.numel() == st.B * st.hd,
+              "cos/sin must be contiguous fp32 (B, hd)");
+  TORCH_CHECK(key_index.scalar_type() == torch::kLong && key_index.is_contiguous() && key_index.numel() >= S,
+              "key_index must be contiguous int64 (>= S,)");
+  TORCH_CHECK(key_valid.scalar_type() == torch::kBool && key_valid.dim() == 2 && key_valid.size(0) == st.B
+              && key_valid.size(1) >= S && key_valid.stride(1) == 1, "key_valid must be bool (B, >= S)");
+  st.cos = cos.data_ptr<float>(); st.sin = sin.data_ptr<float>();
+  st.key_index = key_index.data_ptr<int64_t>();
+  st.key_valid = key_valid.data_ptr<bool>();
+  st.kv_stride = key_valid.stride(0);
+  fill_allowed(st);
+  return st;
+}
+
+void check_cache(const torch::Tensor& k, const torch::Tensor& v, const Step& st) {
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.scalar_type() == torch::kFloat
+              && v.scalar_type() == torch::kFloat && k.dim() == 4 && k.size(0) == st.B && k.size(1) == st.nkv
+              && k.size(2) == st.C && k.size(3) == st.hd && v.sizes() == k.sizes(),
+              "caches must be contiguous fp32 (B, nkv, C, hd), all layers alike");
+}
+
+}  // namespace
+
+// ---- Python entry points ---------------------------------------------------------------------------
+
+// y = x w^T for a few rows; `weight` is [w] (fp32), [q, scale] (int8) or [q, scale, min] (int4).
+torch::Tensor linear(torch::Tensor x, std::vector<torch::Tensor> weight, bool quant_act) {
+  const Weight w = Weight::of(weight.data(), weight.size(), false);
+  check_x(x, w.K);
+  auto y = torch::empty({x.size(0), w.O}, x.options());
+  w.apply(x.data_ptr<float>(), x.size(0), y.data_ptr<float>(), quant_act);
+  return y;
+}
+
+// The SwiGLU experts step for a few tokens over stacked weights (E, 2I, H) and (E, H, I), any format.
+torch::Tensor experts(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, std::vector<torch::Tensor> gate_up,
+                      std::vector<torch::Tensor> down, bool quant_act) {
+  const Weight gu = Weight::of(gate_up.data(), gate_up.size(), true);
+  const Weight dn = Weight::of(down.data(), down.size(), true);
+  const int64_t E = gate_up[0].size(0);
+  TORCH_CHECK(gu.kind == dn.kind && gu.O == 2 * dn.K && dn.O == gu.K && down[0].size(0) == E,
+              "gate_up (E, 2I, H) and down (E, H, I) must match in format and sizes");
+  TORCH_CHECK(gu.kind != Q4 || gu.G == dn.G, "int4 experts need one group size");
+  check_x(x, gu.K);
+  TORCH_CHECK(ids.scalar_type() == torch::kLong && ids.is_contiguous() && ids.dim() == 2 && ids.size(0) == x.size(0)
+              && weights.scalar_type() == torch::kFloat && weights.is_contiguous() && weights.sizes() == ids.sizes(),
+              "ids (N, K) int64 and weights (N, K) fp32 expected");
+  auto out = torch::empty_like(x);
+  experts_rows(gu, dn, x.data_ptr<float>(), ids.data_ptr<int64_t>(), weights.data_ptr<float>(), x.size(0),
+               ids.size(1), E, quant_act, false, out.data_ptr<float>());
+  return out;
+}
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  const int64_t H = w.size(0);
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && w.is_contiguous() && x.size(-1) == H,
+              "fp32 contiguous");
+  auto y = torch::empty_like(x);
+  rms_norm_rows(x.data_ptr<float>(), w.data_ptr<float>(), x.numel() / H, H, eps, y.data_ptr<float>());
   return y;
 }
 
@@ -304,104 +629,22 @@ torch::Tensor dequantize_q4(torch::Tensor q, torch::Tensor scale, torch::Tensor 
   return w;
 }
 
-// ---- decode attention and routing: the small per-layer ops of one decode step, one call each ------
-
-inline float dot_f32(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  float s = hsum(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-// x (hd,) -> y (hd,) in the rotate-half layout: y = x * cos + cat(-x[half:], x[:half]) * sin.
-inline void rotate_half(const float* x, const float* c, const float* s, int64_t hd, float* y) {
-  const int64_t half = hd / 2;
-  for (int64_t i = 0; i < half; ++i) y[i] = x[i] * c[i] - x[i + half] * s[i];
-  for (int64_t i = half; i < hd; ++i) y[i] = x[i] * c[i] + x[i - half] * s[i];
-}
-
-// One query per row (decode): rotary on q and k, k/v written into cache slot `slot`, then attention of
-// every query head over the S keys held (GQA: query head h reads kv head h / (nh / nkv)).
-//   qkv (B, (nh + 2 nkv) hd) | cos, sin (B, hd) | k_cache, v_cache (B, nkv, C, hd)
-//   key_index (S,) token index per key, -1 = empty | key_valid (B, >= S) bool, any row stride
-// Key j is visible iff key_index[j] in (qpos - window, qpos] (window 0 = none) and key_valid[b, j];
-// a row that sees nothing sees everything (as build_mask does: its output is never used).
+// Decode attention of one layer: qkv (B, (nh + 2 nkv) hd), cos/sin (B, hd), caches (B, nkv, C, hd),
+// key_index (S,) token index per key (-1 = empty), key_valid (B, >= S) -> (B, nh hd).
 torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
                                torch::Tensor v_cache, int64_t slot, int64_t S, torch::Tensor key_index,
                                torch::Tensor key_valid, int64_t qpos, int64_t window, int64_t num_heads) {
-  const int64_t B = k_cache.size(0), nkv = k_cache.size(1), C = k_cache.size(2), hd = k_cache.size(3);
-  const int64_t nh = num_heads, rep = nh / nkv;
-  TORCH_CHECK(qkv.scalar_type() == torch::kFloat && qkv.is_contiguous() && qkv.dim() == 2 && qkv.size(0) == B
-              && qkv.size(1) == (nh + 2 * nkv) * hd, "qkv must be contiguous fp32 (B, (nh + 2 nkv) hd)");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == torch::kFloat
-              && v_cache.sizes() == k_cache.sizes(), "caches must be contiguous fp32 (B, nkv, C, hd)");
-  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == B * hd && sin.numel() == B * hd,
-              "cos/sin must be contiguous (B, hd)");
-  TORCH_CHECK(nh % nkv == 0 && hd % 2 == 0 && slot >= 0 && slot < C && S >= 1 && S <= C, "bad sizes");
-  TORCH_CHECK(key_index.scalar_type() == torch::kLong && key_index.is_contiguous() && key_index.numel() >= S,
-              "key_index must be contiguous int64 (>= S,)");
-  TORCH_CHECK(key_valid.scalar_type() == torch::kBool && key_valid.dim() == 2 && key_valid.size(0) == B
-              && key_valid.size(1) >= S && key_valid.stride(1) == 1, "key_valid must be bool (B, >= S)");
-  auto out = torch::empty({B, nh * hd}, qkv.options());
-  auto qrot = torch::empty({B, nh * hd}, qkv.options());
-  auto allowed = std::vector<uint8_t>(B * S);
-  const float *qp = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
-  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>(), *qr = qrot.data_ptr<float>();
-  const int64_t* ki = key_index.data_ptr<int64_t>();
-  const bool* kv = key_valid.data_ptr<bool>();
-  const int64_t kv_stride = key_valid.stride(0), D = (nh + 2 * nkv) * hd;
-  for (int64_t b = 0; b < B; ++b) {
-    const float *row = qp + b * D, *c = cp + b * hd, *s = sp + b * hd;
-    for (int64_t h = 0; h < nh; ++h) rotate_half(row + h * hd, c, s, hd, qr + (b * nh + h) * hd);
-    for (int64_t g = 0; g < nkv; ++g) {
-      const int64_t at = ((b * nkv + g) * C + slot) * hd;
-      rotate_half(row + (nh + g) * hd, c, s, hd, kc + at);
-      std::copy(row + (nh + nkv + g) * hd, row + (nh + nkv + g + 1) * hd, vc + at);
-    }
-    bool any = false;
-    for (int64_t j = 0; j < S; ++j) {
-      const int64_t t = ki[j];
-      const bool ok = t >= 0 && t <= qpos && (window <= 0 || t > qpos - window) && kv[b * kv_stride + j];
-      allowed[b * S + j] = ok;
-      any = any || ok;
-    }
-    if (!any) std::fill(allowed.begin() + b * S, allowed.begin() + (b + 1) * S, 1);
-  }
-  const float scale = 1.f / std::sqrt(float(hd));
-  float* op = out.data_ptr<float>();
-  // Threads only pay off for long contexts: below ~64K multiply-adds per task, run serially.
-  const int64_t grain = std::max<int64_t>(1, 65536 / (S * hd));
-  at::parallel_for(0, B * nh, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(S);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / nh, g = (bh % nh) / rep;
-      const float* q = qr + bh * hd;
-      const float* keys = kc + (b * nkv + g) * C * hd;
-      const float* vals = vc + (b * nkv + g) * C * hd;
-      const uint8_t* ok = allowed.data() + b * S;
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < S; ++j)
-        if (ok[j]) { p[j] = dot_f32(q, keys + j * hd, hd) * scale; mx = std::max(mx, p[j]); }
-      float sum = 0.f;
-      for (int64_t j = 0; j < S; ++j) { p[j] = ok[j] ? std::exp(p[j] - mx) : 0.f; sum += p[j]; }
-      float* o = op + bh * hd;
-      std::fill(o, o + hd, 0.f);
-      const float inv = 1.f / sum;
-      for (int64_t j = 0; j < S; ++j) {
-        if (!ok[j]) continue;
-        const float w = p[j] * inv;
-        const float* v = vals + j * hd;
-        for (int64_t d = 0; d < hd; ++d) o[d] += w * v[d];
-      }
-    }
-  });
+  const Step st = make_step(cos, sin, k_cache, slot, S, key_index, key_valid, qpos, window, num_heads);
+  check_cache(k_cache, v_cache, st);
+  check_x(qkv, (st.nh + 2 * st.nkv) * st.hd);
+  TORCH_CHECK(qkv.size(0) == st.B, "qkv has ", qkv.size(0), " rows, the cache ", st.B);
+  auto out = torch::empty({st.B, st.nh * st.hd}, qkv.options());
+  attention_rows(st, qkv.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                 out.data_ptr<float>());
   return out;
 }
 
-// The router for a few rows: logits = x w^T, softmax in fp32, top-k (lowest index first on ties),
-// renormalized. Returns (logits (N, E), weights (N, K) fp32, ids (N, K) int64).
+// The router: returns (logits (N, E), weights (N, K) fp32, ids (N, K) int64).
 std::vector<torch::Tensor> route(torch::Tensor x, torch::Tensor w, int64_t top_k) {
   const int64_t E = w.size(0), H = w.size(1), N = x.size(0);
   check_x(x, H);
@@ -409,42 +652,84 @@ std::vector<torch::Tensor> route(torch::Tensor x, torch::Tensor w, int64_t top_k
   auto logits = torch::empty({N, E}, x.options());
   auto weights = torch::empty({N, top_k}, x.options());
   auto ids = torch::empty({N, top_k}, x.options().dtype(torch::kLong));
-  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
-  float *lp = logits.data_ptr<float>(), *op = weights.data_ptr<float>();
-  int64_t* ip = ids.data_ptr<int64_t>();
-  std::vector<float> prob(E);
-  std::vector<uint8_t> taken(E);
-  for (int64_t n = 0; n < N; ++n) {
-    float* l = lp + n * E;
-    float mx = -INFINITY, sum = 0.f;
-    for (int64_t e = 0; e < E; ++e) { l[e] = dot_f32(xp + n * H, wp + e * H, H); mx = std::max(mx, l[e]); }
-    for (int64_t e = 0; e < E; ++e) { prob[e] = std::exp(l[e] - mx); sum += prob[e]; }
-    std::fill(taken.begin(), taken.end(), 0);
-    float top = 0.f;
-    for (int64_t k = 0; k < top_k; ++k) {
-      int64_t best = -1;
-      for (int64_t e = 0; e < E; ++e)
-        if (!taken[e] && (best < 0 || prob[e] > prob[best])) best = e;
-      taken[best] = 1;
-      ip[n * top_k + k] = best;
-      op[n * top_k + k] = prob[best] / sum;
-      top += prob[best] / sum;
-    }
-    for (int64_t k = 0; k < top_k; ++k) op[n * top_k + k] /= top;
-  }
+  route_rows(x.data_ptr<float>(), w.data_ptr<float>(), N, H, E, top_k, logits.data_ptr<float>(),
+             weights.data_ptr<float>(), ids.data_ptr<int64_t>());
   return {logits, weights, ids};
+}
+
+// Every decoder layer of one decode step, in one call: per layer, RMSNorm, q|k|v projection, decode
+// attention (rotary, cache write, GQA over the keys held), o projection and residual, RMSNorm, router,
+// experts and residual. Replaces ~30 torch ops and module calls per layer, whose dispatch costs more
+// than the arithmetic at one token. x (B, H) is the embeddings; returns the last layer's output
+// (before the final norm).
+//
+// `tensors` holds each layer's weights in order: input norm, qkv, o, post-attention norm, router,
+// gate_up, down; `counts` holds, per layer, how many tensors its qkv, o, gate_up and down take (1 fp32,
+// 2 int8, 3 int4). k_caches / v_caches: one (B, nkv, C, hd) tensor per layer.
+torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> tensors,
+                            std::vector<int64_t> counts, std::vector<torch::Tensor> k_caches,
+                            std::vector<torch::Tensor> v_caches, int64_t slot, int64_t S, torch::Tensor key_index,
+                            torch::Tensor key_valid, int64_t qpos, int64_t window, int64_t num_heads, double eps,
+                            int64_t top_k, bool quant_act) {
+  const int64_t L = k_caches.size();
+  TORCH_CHECK(L >= 1 && v_caches.size() == size_t(L) && counts.size() == size_t(4 * L),
+              "one k and v cache and four weight counts per layer");
+  const Step st = make_step(cos, sin, k_caches[0], slot, S, key_index, key_valid, qpos, window, num_heads);
+  const int64_t B = st.B, H = x.size(1), D = (st.nh + 2 * st.nkv) * st.hd, A = st.nh * st.hd;
+  check_x(x, H);
+  TORCH_CHECK(x.size(0) == B, "x has ", x.size(0), " rows, the cache ", B);
+  auto out = x.clone();
+  float* h = out.data_ptr<float>();
+  std::vector<float> xn(B * H), qkv(B * D), attn(B * A), rw(B * top_k);
+  std::vector<int64_t> ids(B * top_k);
+  size_t i = 0;
+  auto vec = [&](int64_t n) -> const float* {
+    TORCH_CHECK(i < tensors.size() && tensors[i].scalar_type() == torch::kFloat && tensors[i].is_contiguous()
+                && tensors[i].numel() == n, "norm/router weight ", i, " must be contiguous fp32 of ", n, " values");
+    return tensors[i++].data_ptr<float>();
+  };
+  auto weight = [&](int64_t n, bool stacked) {
+    TORCH_CHECK(i + n <= tensors.size(), "fewer weight tensors than counts say");
+    Weight w = Weight::of(tensors.data() + i, n, stacked);
+    i += n;
+    return w;
+  };
+  for (int64_t l = 0; l < L; ++l) {
+    check_cache(k_caches[l], v_caches[l], st);
+    const float* ln1 = vec(H);
+    const Weight wqkv = weight(counts[4 * l], false);
+    const Weight wo = weight(counts[4 * l + 1], false);
+    const float* ln2 = vec(H);
+    TORCH_CHECK(i < tensors.size() && tensors[i].dim() == 2 && tensors[i].size(1) == H, "router must be (E, H)");
+    const int64_t E = tensors[i].size(0);
+    const float* router = vec(E * H);
+    const Weight gu = weight(counts[4 * l + 2], true);
+    const Weight dn = weight(counts[4 * l + 3], true);
+    TORCH_CHECK(wqkv.K == H && wqkv.O == D && wo.K == A && wo.O == H, "layer ", l, ": attention weights do not match");
+    TORCH_CHECK(gu.K == H && gu.O == 2 * dn.K && dn.O == H && gu.kind == dn.kind && (gu.kind != Q4 || gu.G == dn.G),
+                "layer ", l, ": expert weights do not match");
+    TORCH_CHECK(top_k <= E, "top_k ", top_k, " > ", E, " experts");
+
+    rms_norm_rows(h, ln1, B, H, eps, xn.data());
+    wqkv.apply(xn.data(), B, qkv.data(), quant_act);
+    attention_rows(st, qkv.data(), k_caches[l].data_ptr<float>(), v_caches[l].data_ptr<float>(), attn.data());
+    wo.apply(attn.data(), B, xn.data(), quant_act);  // xn reused as the o-projection output
+    for (int64_t j = 0; j < B * H; ++j) h[j] += xn[j];
+    rms_norm_rows(h, ln2, B, H, eps, xn.data());
+    route_rows(xn.data(), router, B, H, E, top_k, nullptr, rw.data(), ids.data());
+    experts_rows(gu, dn, xn.data(), ids.data(), rw.data(), B, top_k, E, quant_act, true, h);
+  }
+  TORCH_CHECK(i == tensors.size(), "more weight tensors than counts say");
+  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_q8", &dequantize_q8);
   m.def("dequantize_q4", &dequantize_q4);
   m.def("rms_norm", &rms_norm);
-  m.def("linear_f32", &linear_f32);
-  m.def("linear_q8", &linear_q8);
-  m.def("linear_q4", &linear_q4);
-  m.def("experts_f32", &experts_f32);
-  m.def("experts_q8", &experts_q8);
-  m.def("experts_q4", &experts_q4);
+  m.def("linear", &linear);
+  m.def("experts", &experts);
   m.def("decode_attention", &decode_attention);
   m.def("route", &route);
+  m.def("decode_layers", &decode_layers);
 }

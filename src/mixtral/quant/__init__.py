@@ -22,10 +22,14 @@ is stored as in ``save_pretrained`` but under internal names. ``config.json`` ca
 ``"quantization_config": {"quant_method": "mixtral-weight-only", "bits": 8|4, "group_size": G,
 "lm_head": bool}``.
 
-Speed: decode (few rows) runs AVX2 kernels that widen weights in registers
-(``mixtral.kernels.cpu``); many rows (prefill) dequantize one matrix at a time and use fp32
-matrix products, which are compute-bound there anyway. Without the kernels everything falls back
-to dequantize + torch (correct, slower).
+Speed: decode (few rows) runs AVX2 kernels (``mixtral.kernels.cpu``). By default they quantize the
+activations too, to int8 in blocks of 32 with one fp32 scale each (llama.cpp's Q8_0/Q8_1 scheme), so
+the inner loop is an integer dot product: widening every weight to fp32 is what bounds decode on a
+small CPU, not memory. That adds an activation rounding error of about 0.4% per product;
+``activations="fp32"`` (in ``quantize_model`` and ``quantization_config``) keeps fp32 activations and
+computes exactly the dequantized weights' products, more slowly. Many rows (prefill) dequantize one
+matrix at a time and use fp32 matrix products (fp32 activations either way), which are
+compute-bound there anyway. Without the kernels everything falls back to dequantize + torch.
 """
 
 from __future__ import annotations
@@ -103,6 +107,8 @@ class QuantizedTensor(nn.Module):
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales.float().contiguous())
         self.register_buffer("mins", mins.float().contiguous() if mins is not None else None)
+        # Decode kernels quantize activations to int8 blocks when True (see the module docstring).
+        self.int8_activations = True
 
     @classmethod
     def quantize(cls, w: torch.Tensor, mode: str, group_size: int = 32) -> QuantizedTensor:
@@ -161,8 +167,7 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         ck = _use_kernels(x2, x2.shape[0])
         if ck is not None:
-            fn = ck.linear_q8 if self.weight_q.bits == 8 else ck.linear_q4
-            y = fn(x2.contiguous(), *self.weight_q.kernel_args())
+            y = ck.linear(x2.contiguous(), list(self.weight_q.kernel_args()), self.weight_q.int8_activations)
         else:
             y = F.linear(x2, self.weight_q.dequantize().to(x.dtype))
         return y.reshape(*lead, self.out_features)
@@ -191,9 +196,9 @@ class QuantExperts(nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         ck = _use_kernels(x, x.shape[0])
         if ck is not None and self.act is F.silu:
-            fn = ck.experts_q8 if self.gate_up_q.bits == 8 else ck.experts_q4
-            return fn(x.contiguous(), ids, weights.float().contiguous(), *self.gate_up_q.kernel_args(),
-                      *self.down_q.kernel_args())
+            return ck.experts(x.contiguous(), ids.long().contiguous(), weights.float().contiguous(),
+                              list(self.gate_up_q.kernel_args()), list(self.down_q.kernel_args()),
+                              self.gate_up_q.int8_activations)
         return experts_grouped_by(
             x, ids, weights, lambda e: self.gate_up_q.dequantize(e).to(x.dtype),
             lambda e: self.down_q.dequantize(e).to(x.dtype), self.num_experts, self.act,
@@ -207,8 +212,11 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(path) if path else model), leaf
 
 
-def quantize_model(model: nn.Module, mode: str, group_size: int = 32, lm_head: bool = False) -> nn.Module:
+def quantize_model(model: nn.Module, mode: str, group_size: int = 32, lm_head: bool = False,
+                   activations: str = "int8") -> nn.Module:
     """Swap attention and expert weights (and the output head if ``lm_head``) for quantized ones, in place.
+
+    ``activations``: "int8" (decode kernels quantize activations, fast) or "fp32" (exact weight-only).
 
     One matrix is quantized at a time and its float weight released, so peak memory stays near the
     float model's size.
@@ -233,13 +241,26 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32, lm_head: b
             gu = QuantizedTensor.quantize(module.gate_up_proj.detach(), mode, g)
             dn = QuantizedTensor.quantize(module.down_proj.detach(), mode, g)
             setattr(parent, leaf, QuantExperts(gu, dn, module.act))
-    model.quantization_config = quantization_config(mode, group_size, lm_head)
+    model.quantization_config = quantization_config(mode, group_size, lm_head, activations)
+    set_activations(model, activations)
     return model
 
 
-def quantization_config(mode: str, group_size: int, lm_head: bool) -> dict:
+ACTIVATIONS = ("int8", "fp32")
+
+
+def set_activations(model: nn.Module, activations: str) -> None:
+    """Whether the decode kernels of every quantized weight in ``model`` quantize activations."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    for module in model.modules():
+        if isinstance(module, QuantizedTensor):
+            module.int8_activations = activations == "int8"
+
+
+def quantization_config(mode: str, group_size: int, lm_head: bool, activations: str = "int8") -> dict:
     return {"quant_method": "mixtral-weight-only", "bits": 8 if mode == "int8" else 4,
-            "group_size": group_size if mode == "int4" else None, "lm_head": lm_head}
+            "group_size": group_size if mode == "int4" else None, "lm_head": lm_head, "activations": activations}
 
 
 def run_quantize(args) -> int:

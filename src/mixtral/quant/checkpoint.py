@@ -18,7 +18,7 @@ from torch import nn
 
 from ..checkpoint.loading import CheckpointError, Rule, TensorSource, write_atomically
 from ..config import MixtralConfig
-from . import QuantExperts, QuantizedTensor, QuantLinear, quantization_config
+from . import QuantExperts, QuantizedTensor, QuantLinear, quantization_config, set_activations
 
 SUFFIXES = (".qweight", ".scales", ".mins")
 
@@ -34,7 +34,8 @@ class QuantizedRules(dict):
 
 def quantized_rules(config: MixtralConfig, keys: set[str], path: Path) -> QuantizedRules:
     qconfig = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
-    if qconfig.get("quant_method") != "mixtral-weight-only" or qconfig.get("bits") not in (4, 8):
+    if (qconfig.get("quant_method") != "mixtral-weight-only" or qconfig.get("bits") not in (4, 8)
+            or qconfig.get("activations", "int8") not in ("int8", "fp32")):
         raise CheckpointError(f"{path}: unsupported quantization_config {qconfig}")
     quantized = sorted({k[: -len(".qweight")] for k in keys if k.endswith(".qweight")})
     consumed = {q + s for q in quantized for s in SUFFIXES}
@@ -76,6 +77,7 @@ def prepare(model: nn.Module, rules: QuantizedRules, source: TensorSource, devic
         else:
             raise CheckpointError(f"{source.where(name + '.qweight')}: don't know how to load quantized {name}")
     model.quantization_config = rules.qconfig
+    set_activations(model, rules.qconfig.get("activations", "int8"))
     return consumed
 
 
