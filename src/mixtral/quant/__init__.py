@@ -138,10 +138,13 @@ class QuantizedTensor(nn.Module):
             return dequantize_int8(sel(self.qweight), sel(self.scales))
         return dequantize_int4(sel(self.qweight), sel(self.scales), sel(self.mins))
 
-    def kernel_args(self) -> tuple[torch.Tensor, ...]:
+    def kernel_args(self) -> list[torch.Tensor]:
+        """[qweight, scales] (int8) or [qweight, scales, mins] (int4), as the CPU kernels take them.
+        Reads the buffer dict directly: this runs for every weight at every decode step."""
+        b = self._buffers
         if self.bits == 8:
-            return self.qweight, self.scales
-        return self.qweight, self.scales, self.mins
+            return [b["qweight"], b["scales"]]
+        return [b["qweight"], b["scales"], b["mins"]]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers())
@@ -167,7 +170,7 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         ck = _use_kernels(x2, x2.shape[0])
         if ck is not None:
-            y = ck.linear(x2.contiguous(), list(self.weight_q.kernel_args()), self.weight_q.int8_activations)
+            y = ck.linear(x2.contiguous(), self.weight_q.kernel_args(), self.weight_q.int8_activations)
         else:
             y = F.linear(x2, self.weight_q.dequantize().to(x.dtype))
         return y.reshape(*lead, self.out_features)
@@ -197,7 +200,7 @@ class QuantExperts(nn.Module):
         ck = _use_kernels(x, x.shape[0])
         if ck is not None and self.act is F.silu:
             return ck.experts(x.contiguous(), ids.long().contiguous(), weights.float().contiguous(),
-                              list(self.gate_up_q.kernel_args()), list(self.down_q.kernel_args()),
+                              self.gate_up_q.kernel_args(), self.down_q.kernel_args(),
                               self.gate_up_q.int8_activations)
         return experts_grouped_by(
             x, ids, weights, lambda e: self.gate_up_q.dequantize(e).to(x.dtype),
