@@ -177,6 +177,8 @@ def quality(model_dir: Path, threads: int) -> None:
     import torch
 
     from mixtral import MixtralForCausalLM, Tokenizer
+    from mixtral.cache import KVCache
+    from mixtral.generation import decode_step, prefill
 
     torch.set_num_threads(threads)
     tok = Tokenizer.from_pretrained(model_dir)
@@ -186,18 +188,26 @@ def quality(model_dir: Path, threads: int) -> None:
         model = MixtralForCausalLM.from_pretrained(model_dir if mode == "fp32" else quantized_path(model_dir, mode))
         with torch.inference_mode():
             gens = [model.generate(torch.tensor([tok.encode(p)]), max_new_tokens=32)[0].tolist() for p in PROMPTS]
+            # Perplexity twice: over the whole text at once (the prefill path: fp32 activations) and
+            # token by token (the decode kernels: int8 activations for quantized weights).
             logits = model(text_ids).logits[0, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits, text_ids[0, 1:])
-        results[mode] = (gens, float(torch.exp(nll)))
+            ppl = float(torch.exp(torch.nn.functional.cross_entropy(logits, text_ids[0, 1:])))
+            cache = KVCache.for_model(model.config, 1)
+            steps = [prefill(model, text_ids[:, :1], None, cache)]
+            steps += [decode_step(model, text_ids[:, t], None, cache) for t in range(1, text_ids.shape[1] - 1)]
+            ppl_decode = float(torch.exp(torch.nn.functional.cross_entropy(torch.stack(steps, 1)[0], text_ids[0, 1:])))
+        results[mode] = (gens, ppl, ppl_decode)
         del model
-    fp_gens, fp_ppl = results["fp32"]
+    fp_gens, fp_ppl, fp_ppl_decode = results["fp32"]
     for mode in ("int8", "int4"):
-        gens, ppl = results[mode]
+        gens, ppl, ppl_decode = results[mode]
         same = [next((i for i, (a, b) in enumerate(zip(g, f)) if a != b), len(g)) for g, f in zip(gens, fp_gens)]
         plen = [len(tok.encode(p)) for p in PROMPTS]
         agree = [s - n for s, n in zip(same, plen)]
         print(f"{mode}: greedy tokens equal to fp32 for the first {agree} of 32 new tokens; "
-              f"perplexity {ppl:.3f} vs fp32 {fp_ppl:.3f} ({100 * (ppl / fp_ppl - 1):+.2f}%)")
+              f"perplexity {ppl:.3f} vs fp32 {fp_ppl:.3f} ({100 * (ppl / fp_ppl - 1):+.2f}%) over the whole text, "
+              f"{ppl_decode:.3f} vs {fp_ppl_decode:.3f} ({100 * (ppl_decode / fp_ppl_decode - 1):+.2f}%) "
+              "token by token (decode kernels)")
 
 
 # -- driver ----------------------------------------------------------------------------------------

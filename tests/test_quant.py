@@ -224,9 +224,12 @@ def test_cli_quantize(tmp_path):
 
     model = small_model(seed=2)
     model.save_pretrained(tmp_path / "fp32")
-    assert main(["quantize", str(tmp_path / "fp32"), str(tmp_path / "q4"), "--int4", "--group-size", "64"]) == 0
+    assert main(["quantize", str(tmp_path / "fp32"), str(tmp_path / "q4"), "--int4", "--group-size", "64",
+                 "--activations", "fp32"]) == 0
     loaded = MixtralForCausalLM.from_pretrained(tmp_path / "q4")
     assert loaded.quantization_config["bits"] == 4
+    assert loaded.quantization_config["activations"] == "fp32"
+    assert not loaded.model.layers[0].self_attn.qkv_proj.weight_q.int8_activations
     assert loaded.model.layers[0].self_attn.qkv_proj.weight_q.group_size == 32  # 96 inputs: 64 -> 32
     with torch.inference_mode():
         out = loaded.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4)

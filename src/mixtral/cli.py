@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, default=32,
                    help="int4 group size (multiple of 32); 32 keeps perplexity within 0.1%% on the demo model")
     q.add_argument("--lm-head", action="store_true", help="also quantize the output head (always int8)")
+    q.add_argument("--activations", choices=["int8", "fp32"], default="int8",
+                   help="decode kernels round activations to int8 blocks (fast, default) or keep fp32 (exact)")
     q.set_defaults(func=lambda a: _lazy("mixtral.quant", "run_quantize")(a))
     return parser
 

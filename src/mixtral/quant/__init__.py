@@ -275,7 +275,8 @@ def run_quantize(args) -> int:
 
     mode = "int8" if args.int8 else "int4"
     model = MixtralForCausalLM.from_pretrained(args.src, dtype=torch.float32)
-    quantize_model(model, mode, args.group_size, lm_head=bool(getattr(args, "lm_head", False)))
+    quantize_model(model, mode, args.group_size, lm_head=bool(getattr(args, "lm_head", False)),
+                   activations=getattr(args, "activations", "int8"))
     save_quantized(model, Path(args.dst), copy_from=Path(args.src))
     print(f"wrote {mode} checkpoint to {args.dst}")
     return 0
