@@ -51,8 +51,72 @@ def test_int4_round_trip_error_bound(group):
     q, s, m = quantize_int4(w, group)
     G = int4_group_size(192, group)
     assert q.shape == (2, 11, 96) and q.dtype == torch.uint8 and s.shape == (2, 11, 192 // G)
+    assert s.dtype == m.dtype == torch.float16
     err = (dequantize_int4(q, s, m) - w).abs().reshape(2, 11, 192 // G, G)
-    assert (err <= s[..., None] / 2 + 1e-5).all()
+    # half a step, plus the fp16 rounding of the stored min and scale (relative 2^-11 each)
+    amax = w.abs().reshape(2, 11, 192 // G, G).amax(dim=-1, keepdim=True)
+    assert (err <= s.float()[..., None] / 2 + amax * 2**-9 + 1e-5).all()
+
+
+@pytest.mark.parametrize("K", [64, 96, 192])
+def test_int4_packing_layout(K):
+    """The packed bytes, against the layout written out here: blocks of 32 pair up, byte j of pair p
+    holding input 64p + j (low nibble) and 64p + 32 + j (high); an odd last block at c holds c + j
+    (low) and c + 16 + j (high) in its byte j."""
+    torch.manual_seed(K)
+    n = torch.randint(0, 16, (3, K))
+    n[:, ::32] = 0  # every group of 32 spans 0..15, so scale 1 and min 0 keep the nibbles exact
+    n[:, 1::32] = 15
+    q, s, m = quantize_int4(n.float(), 32)
+    assert torch.equal(s, torch.ones_like(s)) and torch.equal(m, torch.zeros_like(m))
+    want = []
+    nb = K // 32
+    for p in range(nb // 2):
+        want += [n[:, 64 * p + j] | (n[:, 64 * p + 32 + j] << 4) for j in range(32)]
+    if nb % 2:
+        c = 32 * (nb - 1)
+        want += [n[:, c + j] | (n[:, c + 16 + j] << 4) for j in range(16)]
+    assert torch.equal(q.long(), torch.stack(want, dim=1))
+
+
+def test_int4_version1_checkpoint_is_upgraded(tmp_path):
+    """A checkpoint in the first int4 layout (fp32 scales and mins, each block packed alone) loads
+    as the weights it encodes, and saves back in the current layout."""
+    import json
+
+    from mixtral.quant import LAYOUT_VERSION
+
+    model = small_model(seed=4)
+    quantize_model(model, "int4", group_size=32)
+    model.save_pretrained(tmp_path / "v2")
+    expected = {n: m.dequantize() for n, m in model.named_modules() if isinstance(m, QuantizedTensor)}
+    # Rewrite the file in layout 1, as the first release wrote it.
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "v2" / "model.safetensors")
+    module_of = {"weight": "weight_q", "gate_up_proj": "gate_up_q", "down_proj": "down_q"}
+    for name in [k for k in tensors if k.endswith(".mins")]:
+        base = name[: -len(".mins")]
+        owner, _, leaf = base.rpartition(".")
+        scales, mins = tensors[base + ".scales"].float(), tensors[name].float()
+        w = expected[f"{owner}.{module_of[leaf]}"]
+        K, ng = w.shape[-1], scales.shape[-1]
+        n = torch.round((w.reshape(*w.shape[:-1], ng, K // ng) - mins[..., None]) / scales[..., None])
+        v1 = n.reshape(*w.shape[:-1], K // 32, 2, 16).to(torch.uint8)  # byte j of a block: inputs j, j + 16
+        tensors[base + ".qweight"] = (v1[..., 0, :] | (v1[..., 1, :] << 4)).reshape(*w.shape[:-1], K // 2)
+        tensors[base + ".scales"], tensors[name] = scales, mins
+    (tmp_path / "v1").mkdir()
+    save_file(tensors, tmp_path / "v1" / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((tmp_path / "v2" / "config.json").read_text())
+    del cfg["quantization_config"]["version"]
+    (tmp_path / "v1" / "config.json").write_text(json.dumps(cfg))
+    loaded = MixtralForCausalLM.from_pretrained(tmp_path / "v1")
+    for name, module in loaded.named_modules():
+        if isinstance(module, QuantizedTensor) and module.bits == 4:
+            torch.testing.assert_close(module.dequantize(), expected[name], rtol=0, atol=0)
+    loaded.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]["version"] == \
+        LAYOUT_VERSION
 
 
 def test_int4_group_size_divides():
@@ -74,14 +138,17 @@ def int8_blocks(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 3, 20])
 @pytest.mark.parametrize("activations", ["int8", "fp32"])
-def test_quant_linear_matches_dequantized(mode, rows, activations):
+@pytest.mark.parametrize("K,G", [(160, 32), (576, 32), (192, 64), (192, 96)])
+def test_quant_linear_matches_dequantized(mode, rows, activations, K, G):
     """Few rows run the decode kernels: with int8 activations they compute the dequantized weight
-    times the block-rounded activation; many rows (prefill) always use fp32 activations."""
+    times the block-rounded activation; many rows (prefill) always use fp32 activations. Odd and
+    even block counts, and groups of 2 and 3 blocks (a pair of blocks straddling two groups)."""
     torch.manual_seed(rows)
-    w = torch.randn(45, 160)
-    lin = QuantLinear(QuantizedTensor.quantize(w, mode, 32))
+    w = torch.randn(45, K)
+    lin = QuantLinear(QuantizedTensor.quantize(w, mode, G))
+    assert mode == "int8" or lin.weight_q.group_size == G
     lin.weight_q.int8_activations = activations == "int8"
-    x = torch.randn(1, rows, 160)
+    x = torch.randn(1, rows, K)
     with torch.inference_mode():
         got = lin(x)
     x_seen = int8_blocks(x) if activations == "int8" and rows <= 8 else x

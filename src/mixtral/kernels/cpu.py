@@ -55,7 +55,7 @@ def cpu_kernels():
             return load(
                 name="mixtral_cpu_kernels",
                 sources=[str(SOURCE)],
-                extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(build_dir),
                 verbose=False,

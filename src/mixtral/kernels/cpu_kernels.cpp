@@ -12,8 +12,10 @@
 //
 // Layouts (see mixtral/quant/__init__.py for the file format):
 //   int8: q (O, K) int8, scale (O,) fp32:           w[o, k] = q[o, k] * scale[o]
-//   int4: q (O, K/2) uint8, scale/min (O, K/G) fp32: w[o, k] = nibble(o, k) * scale[o, g] + min[o, g]
-//         in each run of 32 weights, byte j holds weight j (low nibble) and weight j+16 (high).
+//   int4: q (O, K/2) uint8, scale/min (O, K/G) fp16: w[o, k] = nibble(o, k) * scale[o, g] + min[o, g]
+//         weights in blocks of 32; blocks pair up: bytes [32p, 32p + 32) of a row hold block 2p in
+//         their low nibbles and block 2p + 1 in their high nibbles (one load and two masks unpack 64
+//         weights); an unpaired last block holds weight j (low) and j + 16 (high) in its byte j.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -190,68 +192,89 @@ struct Q8Rows {
   }
 };
 
-// int4: K and the group size G are multiples of 32. The min term costs one multiply-add per block:
-// sum_k (n*s + m) x = s * sum_k n x + m * sum_k x.
+// The 32 nibbles of block b (of nb in the row starting at r), as bytes 0..15.
+inline __m256i nibbles(const uint8_t* r, int64_t b, int64_t nb) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  if (b + 1 < nb || b % 2 == 1) {  // in a pair
+    const __m256i raw = load32(r + (b & ~int64_t(1)) * QB / 2);
+    return _mm256_and_si256(b % 2 ? _mm256_srli_epi16(raw, 4) : raw, low);
+  }
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + b * QB / 2));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
+}
+
+inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+// int4 (layout above): K and the group size G are multiples of 32. The min term costs one
+// multiply-add per block: sum_k (n*s + m) x = s * sum_k n x + m * sum_k x.
 struct Q4Rows {
-  const uint8_t* q; const float* scale; const float* minv; int64_t K, G;
+  const uint8_t* q; const uint16_t* scale; const uint16_t* minv; int64_t K, G;
   inline float dot(int64_t o, const Act& a) const {
     const uint8_t* r = q + o * (K / 2);
-    const int64_t ng = K / G;
-    const float* sc = scale + o * ng;
-    const float* mn = minv + o * ng;
-    const __m128i low = _mm_set1_epi8(0x0F);
+    const int64_t ng = K / G, nb = K / QB, per = G / QB;
+    const uint16_t* sc = scale + o * ng;
+    const uint16_t* mn = minv + o * ng;
+    if (a.q) return a_int8(r, sc, mn, nb, per, a);
+    // fp32 activations: widen the nibbles; group sums of x carry the min term.
     __m256 acc = _mm256_setzero_ps();
     float tail = 0.f;
-    if (a.q) {  // nibbles x int8 blocks; the block's scale times the group's scale
-      // Two accumulators: one fma chain per block would bound the loop by its latency.
-      const int64_t per = G / QB, nb = K / QB;
-      const __m256i lowm = _mm256_set1_epi8(0x0F);
-      auto block = [&](int64_t b) {  // byte j of a 32-run holds weights j (low nibble) and j + 16 (high)
-        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + b * QB / 2));
-        const __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), lowm);
-        return dot_u4_block(w, load32(a.q + b * QB));
-      };
-      __m256 acc1 = _mm256_setzero_ps();
-      if (per == 1) {
-        int64_t b = 0;
-        for (; b + 2 <= nb; b += 2) {
-          acc = _mm256_fmadd_ps(block(b), _mm256_set1_ps(sc[b] * a.d[b]), acc);
-          acc1 = _mm256_fmadd_ps(block(b + 1), _mm256_set1_ps(sc[b + 1] * a.d[b + 1]), acc1);
-        }
-        if (b < nb) acc = _mm256_fmadd_ps(block(b), _mm256_set1_ps(sc[b] * a.d[b]), acc);
-        return hsum(_mm256_add_ps(acc, acc1)) + dot_f32(mn, a.s, nb);  // min term: sum_b m_b s_b
-      }
-      for (int64_t g = 0; g < ng; ++g) {
-        const int64_t b0 = g * per;
-        int64_t j = 0;
-        for (; j + 2 <= per; j += 2) {
-          acc = _mm256_fmadd_ps(block(b0 + j), _mm256_set1_ps(sc[g] * a.d[b0 + j]), acc);
-          acc1 = _mm256_fmadd_ps(block(b0 + j + 1), _mm256_set1_ps(sc[g] * a.d[b0 + j + 1]), acc1);
-        }
-        if (j < per) acc = _mm256_fmadd_ps(block(b0 + j), _mm256_set1_ps(sc[g] * a.d[b0 + j]), acc);
-        float sg = 0.f;
-        for (j = 0; j < per; ++j) sg += a.s[b0 + j];
-        tail += mn[g] * sg;
-      }
-      return hsum(_mm256_add_ps(acc, acc1)) + tail;
-    }
-    const float* x = a.x;
     for (int64_t g = 0; g < ng; ++g) {
       __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-      for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-        __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + k / 2));
-        __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
-        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), _mm256_loadu_ps(x + k), a0);
+      for (int64_t b = g * per; b < (g + 1) * per; ++b) {
+        const __m256i w = nibbles(r, b, nb);
+        const __m128i lo = _mm256_castsi256_si128(w), hi = _mm256_extracti128_si256(w, 1);
+        const float* x = a.x + b * QB;
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), _mm256_loadu_ps(x), a0);
         a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
-                             _mm256_loadu_ps(x + k + 8), a1);
-        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), _mm256_loadu_ps(x + k + 16), a0);
+                             _mm256_loadu_ps(x + 8), a1);
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), _mm256_loadu_ps(x + 16), a0);
         a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))),
-                             _mm256_loadu_ps(x + k + 24), a1);
+                             _mm256_loadu_ps(x + 24), a1);
       }
-      acc = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(sc[g]), acc);
-      tail += mn[g] * a.gsum[g];
+      acc = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(half_to_float(sc[g])), acc);
+      tail += half_to_float(mn[g]) * a.gsum[g];
     }
     return hsum(acc) + tail;
+  }
+
+  // Nibbles times int8 activation blocks. Per chunk of 8 blocks the combined scales (weight scale
+  // times activation block scale) go to a small array first, with one fp16 conversion for all 8
+  // when groups are 32 wide; two accumulators, as one fma chain would bound the loop by latency.
+  static float a_int8(const uint8_t* r, const uint16_t* sc, const uint16_t* mn, int64_t nb, int64_t per,
+                      const Act& a) {
+    alignas(32) float sd[8];
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), tail = _mm256_setzero_ps();
+    float tail1 = 0.f;
+    int64_t g = 0, in_group = 0;  // group of the next block, and that block's index inside it
+    for (int64_t b = 0; b < nb; b += 8) {
+      const int64_t n = std::min<int64_t>(8, nb - b);
+      if (per == 1 && n == 8) {
+        const __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + b)));
+        const __m256 m8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + b)));
+        _mm256_store_ps(sd, _mm256_mul_ps(s8, _mm256_loadu_ps(a.d + b)));
+        tail = _mm256_fmadd_ps(m8, _mm256_loadu_ps(a.s + b), tail);
+        g += 8;
+      } else {
+        for (int64_t j = 0; j < n; ++j) {
+          sd[j] = half_to_float(sc[g]) * a.d[b + j];
+          tail1 += half_to_float(mn[g]) * a.s[b + j];
+          if (++in_group == per) { in_group = 0; ++g; }
+        }
+      }
+      int64_t j = 0;
+      for (; j + 2 <= n && b + j + 1 < nb; j += 2) {  // a pair of blocks: one 32-byte load
+        const __m256i raw = load32(r + (b + j) * QB / 2);
+        const __m256i low = _mm256_set1_epi8(0x0F);
+        acc0 = _mm256_fmadd_ps(dot_u4_block(_mm256_and_si256(raw, low), load32(a.q + (b + j) * QB)),
+                               _mm256_broadcast_ss(sd + j), acc0);
+        acc1 = _mm256_fmadd_ps(dot_u4_block(_mm256_and_si256(_mm256_srli_epi16(raw, 4), low),
+                                            load32(a.q + (b + j + 1) * QB)), _mm256_broadcast_ss(sd + j + 1), acc1);
+      }
+      if (j < n)  // the unpaired last block
+        acc0 = _mm256_fmadd_ps(dot_u4_block(nibbles(r, b + j, nb), load32(a.q + (b + j) * QB)),
+                               _mm256_broadcast_ss(sd + j), acc0);
+    }
+    return hsum(_mm256_add_ps(acc0, acc1)) + hsum(tail) + tail1;
   }
 };
 
@@ -276,8 +299,9 @@ enum Kind : int64_t { F32 = 0, Q8 = 1, Q4 = 2 };
 struct Weight {
   Kind kind = F32;
   const void* q = nullptr;
-  const float* scale = nullptr;
-  const float* minv = nullptr;
+  const float* scale = nullptr;     // int8: fp32 per row
+  const uint16_t* hscale = nullptr;  // int4: fp16 per group
+  const uint16_t* hmin = nullptr;
   int64_t O = 0, K = 0, G = 0;  // one matrix: O rows of K inputs; int4 groups of G
   int64_t ng = 0;
 
@@ -297,14 +321,15 @@ struct Weight {
       w.K = t[0].size(lead + 1);
       w.scale = t[1].data_ptr<float>();
     } else {
-      TORCH_CHECK(t[0].scalar_type() == torch::kByte && t[1].scalar_type() == torch::kFloat
-                  && t[2].scalar_type() == torch::kFloat && t[1].sizes() == t[2].sizes(), "int4 weight expected");
+      TORCH_CHECK(t[0].scalar_type() == torch::kByte && t[1].scalar_type() == torch::kHalf
+                  && t[2].scalar_type() == torch::kHalf && t[1].sizes() == t[2].sizes(),
+                  "int4 weight expected: uint8 nibbles, fp16 scales and mins");
       w.K = t[0].size(lead + 1) * 2;
       w.ng = t[1].size(lead + 1);
       w.G = w.K / w.ng;
       TORCH_CHECK(w.G % 32 == 0 && w.K % w.G == 0, "int4 group size must be a multiple of 32 dividing K");
-      w.scale = t[1].data_ptr<float>();
-      w.minv = t[2].data_ptr<float>();
+      w.hscale = reinterpret_cast<const uint16_t*>(t[1].data_ptr<at::Half>());
+      w.hmin = reinterpret_cast<const uint16_t*>(t[2].data_ptr<at::Half>());
     }
     w.q = t[0].data_ptr();
     return w;
@@ -320,15 +345,15 @@ struct Weight {
       w.scale = scale + e * O;
     } else {
       w.q = static_cast<const uint8_t*>(q) + e * O * K / 2;
-      w.scale = scale + e * O * ng;
-      w.minv = minv + e * O * ng;
+      w.hscale = hscale + e * O * ng;
+      w.hmin = hmin + e * O * ng;
     }
     return w;
   }
 
   F32Rows f32() const { return {static_cast<const float*>(q), K}; }
   Q8Rows q8() const { return {static_cast<const int8_t*>(q), scale, K}; }
-  Q4Rows q4() const { return {static_cast<const uint8_t*>(q), scale, minv, K, G}; }
+  Q4Rows q4() const { return {static_cast<const uint8_t*>(q), hscale, hmin, K, G}; }
 
   // Activations as this weight's kernel reads them (unfilled: see Acts).
   Acts acts_for(const float* x, int64_t N, bool quant_act) const {
@@ -611,20 +636,22 @@ torch::Tensor dequantize_q8(torch::Tensor q, torch::Tensor scale) {
 }
 
 torch::Tensor dequantize_q4(torch::Tensor q, torch::Tensor scale, torch::Tensor minv) {
-  const int64_t O = q.size(0), K = q.size(1) * 2, ng = scale.size(1), G = K / ng;
-  auto w = torch::empty({O, K}, scale.options());
-  const uint8_t* qp = q.data_ptr<uint8_t>();
-  const float *sp = scale.data_ptr<float>(), *mp = minv.data_ptr<float>();
+  const torch::Tensor t[3] = {q.contiguous(), scale.contiguous(), minv.contiguous()};
+  const Weight wt = Weight::of(t, 3, false);
+  const int64_t O = wt.O, K = wt.K, ng = wt.ng, G = wt.G, nb = K / QB;
+  auto w = torch::empty({O, K}, scale.options().dtype(torch::kFloat));
   float* wp = w.data_ptr<float>();
-  at::parallel_for(0, O, 64, [&](int64_t b, int64_t e) {
-    for (int64_t o = b; o < e; ++o)
-      for (int64_t c = 0; c < K; c += 32)
-        for (int64_t j = 0; j < 16; ++j) {
-          const uint8_t byte = qp[o * (K / 2) + c / 2 + j];
-          const int64_t g0 = (c + j) / G, g1 = (c + j + 16) / G;
-          wp[o * K + c + j] = float(byte & 15) * sp[o * ng + g0] + mp[o * ng + g0];
-          wp[o * K + c + j + 16] = float(byte >> 4) * sp[o * ng + g1] + mp[o * ng + g1];
-        }
+  at::parallel_for(0, O, 64, [&](int64_t b0, int64_t e) {
+    alignas(32) uint8_t n[32];
+    for (int64_t o = b0; o < e; ++o) {
+      const uint8_t* r = static_cast<const uint8_t*>(wt.q) + o * (K / 2);
+      for (int64_t b = 0; b < nb; ++b) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(n), nibbles(r, b, nb));
+        const int64_t g = o * ng + b * QB / G;
+        const float s = half_to_float(wt.hscale[g]), m = half_to_float(wt.hmin[g]);
+        for (int64_t j = 0; j < QB; ++j) wp[o * K + b * QB + j] = float(n[j]) * s + m;
+      }
+    }
   });
   return w;
 }

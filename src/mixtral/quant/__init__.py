@@ -3,24 +3,29 @@
 Formats (activations stay fp32; only weights are stored in fewer bits):
 
 * ``int8``: symmetric, one fp32 scale per output row. ``w[o, k] = qweight[o, k] * scales[o]``.
-* ``int4``: asymmetric, group-wise along the input dimension (as llama.cpp's Q4_1), one fp32 scale
+* ``int4``: asymmetric, group-wise along the input dimension (as llama.cpp's Q4_1), one fp16 scale
   and min per group of G inputs. ``w[o, k] = nibble[o, k] * scales[o, k // G] + mins[o, k // G]``,
-  nibbles in 0..15 packed two per byte: within each run of 32 inputs, byte j holds input j in its
-  low nibble and input j + 16 in its high nibble (so AVX2 unpacks 32 weights with one mask and
-  one shift). G is a multiple of 32 dividing the input size; a requested G that does not divide it
-  is lowered to the largest multiple of 32 that does (576 inputs with G=128 -> G=96).
+  nibbles in 0..15 packed two per byte in blocks of 32 inputs. Blocks pair up: bytes
+  [32p, 32p + 32) of a row hold block 2p (inputs 64p + j) in their low nibbles and block 2p + 1
+  (inputs 64p + 32 + j) in their high nibbles, so one 32-byte load and two masks unpack 64
+  weights; when K / 32 is odd, the last block stands alone, byte j holding its inputs j (low) and
+  j + 16 (high). G is a multiple of 32 dividing the input size; a requested G that does not divide
+  it is lowered to the largest multiple of 32 that does (576 inputs with G=128 -> G=96).
+  Layout version 2; version 1 (fp32 scales and mins, every block packed alone like the odd last
+  block) is converted when loaded.
 
 What is quantized: attention (``qkv_proj``, ``o_proj``) and expert weights (``gate_up_proj``,
 ``down_proj``). The router, norms and embeddings stay full precision; ``lm_head=True`` also
 quantizes the output projection, always to int8 (a separate copy when tied to the embeddings).
 
 Checkpoint layout (safetensors, internal parameter names, see ``mixtral.model``): a quantized
-tensor ``NAME`` is stored as ``NAME.qweight`` (int8, or uint8 for int4), ``NAME.scales`` (fp32)
-and, for int4, ``NAME.mins`` (fp32), where NAME is e.g. ``model.layers.3.self_attn.qkv_proj.weight``
-or ``model.layers.3.mlp.experts.gate_up_proj`` (stacked: leading expert dimension). Everything else
-is stored as in ``save_pretrained`` but under internal names. ``config.json`` carries
+tensor ``NAME`` is stored as ``NAME.qweight`` (int8, or uint8 for int4), ``NAME.scales`` (fp32 for
+int8, fp16 for int4) and, for int4, ``NAME.mins`` (fp16), where NAME is e.g.
+``model.layers.3.self_attn.qkv_proj.weight`` or ``model.layers.3.mlp.experts.gate_up_proj``
+(stacked: leading expert dimension). Everything else is stored as in ``save_pretrained`` but under
+internal names. ``config.json`` carries
 ``"quantization_config": {"quant_method": "mixtral-weight-only", "bits": 8|4, "group_size": G,
-"lm_head": bool}``.
+"lm_head": bool, "activations": "int8"|"fp32", "version": 2}``.
 
 Speed: decode (few rows) runs AVX2 kernels (``mixtral.kernels.cpu``). By default they quantize the
 activations too, to int8 in blocks of 32 with one fp32 scale each (llama.cpp's Q8_0/Q8_1 scheme), so
@@ -34,6 +39,7 @@ compute-bound there anyway. Without the kernels everything falls back to dequant
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -44,6 +50,7 @@ from ..kernels.cpu import cpu_kernels
 from ..moe import experts_grouped_by
 
 MODES = ("int8", "int4")
+LAYOUT_VERSION = 2  # of the int4 packing (see above); int8 has one layout
 FEW_ROWS = 8  # up to this many rows the matrix-vector kernels beat dequantize + matrix product
 
 
@@ -71,31 +78,62 @@ def int4_group_size(K: int, requested: int) -> int:
     return 32
 
 
-def _pack_order(K: int) -> torch.Tensor:
-    """Input index held by (byte, nibble) in packed order: byte j of each 32-run holds j and j+16."""
-    j = torch.arange(K).view(-1, 2, 16)  # (K/32, hi/lo, 16)
-    return j.transpose(1, 2).reshape(-1)  # k0, k16, k1, k17, ...
+@functools.cache
+def _pack_order(K: int, version: int = LAYOUT_VERSION) -> torch.Tensor:
+    """Input index held by each (byte, nibble) of a packed row, in order (byte 0 low, byte 0 high, ...)."""
+    blocks = torch.arange(K).view(-1, 32)
+    nb = blocks.shape[0]
+    paired = nb - nb % 2 if version >= 2 else 0
+    # pairs: byte j holds block 2p's input j (low) and block 2p + 1's input j (high)
+    pairs = blocks[:paired].view(-1, 2, 32).transpose(1, 2).reshape(-1)
+    # a block alone: byte j holds its inputs j (low) and j + 16 (high)
+    alone = blocks[paired:].view(-1, 2, 16).transpose(1, 2).reshape(-1)
+    return torch.cat([pairs, alone])
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w (..., O, K) -> qweight (..., O, K/2) uint8, scales and mins (..., O, K/G) fp32."""
+    """w (..., O, K) -> qweight (..., O, K/2) uint8, scales and mins (..., O, K/G) fp16."""
     *lead, O, K = w.shape
     G = int4_group_size(K, group_size)
     g = w.float().reshape(*lead, O, K // G, G)
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-    scales = ((hi - lo) / 15.0).clamp(min=1e-12)
-    n = torch.round((g - lo[..., None]) / scales[..., None]).clamp_(0, 15).to(torch.uint8)
-    n = n.reshape(*lead, O, K)[..., _pack_order(K)].reshape(*lead, O, K // 2, 2)
-    q = n[..., 0] | (n[..., 1] << 4)
-    return q.contiguous(), scales, lo
+    if max(-lo.min().item(), hi.max().item()) > 65504:
+        raise ValueError("int4 quantization stores fp16 scales and mins: weights beyond +-65504 do not fit")
+    # Nibbles are chosen against the fp16 scale and min actually stored.
+    scales, mins = ((hi - lo) / 15.0).half(), lo.half()
+    s = scales.float().clamp(min=1e-12)
+    n = torch.round((g - mins.float()[..., None]) / s[..., None]).clamp_(0, 15).to(torch.uint8)
+    return pack_int4(n.reshape(*lead, O, K)), scales, mins
+
+
+def pack_int4(n: torch.Tensor, version: int = LAYOUT_VERSION) -> torch.Tensor:
+    """Nibbles (..., K) uint8 in input order -> packed (..., K/2) uint8."""
+    K = n.shape[-1]
+    n = n[..., _pack_order(K, version)].reshape(*n.shape[:-1], K // 2, 2)
+    return (n[..., 0] | (n[..., 1] << 4)).contiguous()
+
+
+def unpack_int4(q: torch.Tensor, version: int = LAYOUT_VERSION) -> torch.Tensor:
+    """Packed (..., K/2) uint8 -> nibbles (..., K) uint8 in input order."""
+    K = 2 * q.shape[-1]
+    n = torch.stack((q & 0x0F, q >> 4), dim=-1).reshape(*q.shape[:-1], K)
+    return n[..., torch.argsort(_pack_order(K, version))]
 
 
 def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
     *lead, O, half = q.shape
     K, ng = 2 * half, scales.shape[-1]
-    n = torch.stack((q & 0x0F, q >> 4), dim=-1).reshape(*lead, O, K)
-    n = n[..., torch.argsort(_pack_order(K))].float().reshape(*lead, O, ng, K // ng)
-    return (n * scales[..., None] + mins[..., None]).reshape(*lead, O, K)
+    n = unpack_int4(q).float().reshape(*lead, O, ng, K // ng)
+    return (n * scales.float()[..., None] + mins.float()[..., None]).reshape(*lead, O, K)
+
+
+def upgrade_int4(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, version: int):
+    """Tensors of an int4 weight stored in layout ``version`` -> the current layout."""
+    if version == LAYOUT_VERSION:
+        return q, scales, mins
+    if version != 1:
+        raise ValueError(f"unknown int4 layout version {version}")
+    return pack_int4(unpack_int4(q, 1)), scales.half(), mins.half()
 
 
 class QuantizedTensor(nn.Module):
@@ -105,8 +143,10 @@ class QuantizedTensor(nn.Module):
         super().__init__()
         self.bits = bits
         self.register_buffer("qweight", qweight)
-        self.register_buffer("scales", scales.float().contiguous())
-        self.register_buffer("mins", mins.float().contiguous() if mins is not None else None)
+        # int8: fp32 scale per row; int4: fp16 scale and min per group (see the formats above).
+        dtype = torch.float32 if bits == 8 else torch.float16
+        self.register_buffer("scales", scales.to(dtype).contiguous())
+        self.register_buffer("mins", mins.to(dtype).contiguous() if mins is not None else None)
         # Decode kernels quantize activations to int8 blocks when True (see the module docstring).
         self.int8_activations = True
 
@@ -263,7 +303,8 @@ def set_activations(model: nn.Module, activations: str) -> None:
 
 def quantization_config(mode: str, group_size: int, lm_head: bool, activations: str = "int8") -> dict:
     return {"quant_method": "mixtral-weight-only", "bits": 8 if mode == "int8" else 4,
-            "group_size": group_size if mode == "int4" else None, "lm_head": lm_head, "activations": activations}
+            "group_size": group_size if mode == "int4" else None, "lm_head": lm_head, "activations": activations,
+            "version": LAYOUT_VERSION}
 
 
 def run_quantize(args) -> int:

@@ -18,7 +18,15 @@ from torch import nn
 
 from ..checkpoint.loading import CheckpointError, Rule, TensorSource, write_atomically
 from ..config import MixtralConfig
-from . import QuantExperts, QuantizedTensor, QuantLinear, quantization_config, set_activations
+from . import (
+    LAYOUT_VERSION,
+    QuantExperts,
+    QuantizedTensor,
+    QuantLinear,
+    quantization_config,
+    set_activations,
+    upgrade_int4,
+)
 
 SUFFIXES = (".qweight", ".scales", ".mins")
 
@@ -35,7 +43,7 @@ class QuantizedRules(dict):
 def quantized_rules(config: MixtralConfig, keys: set[str], path: Path) -> QuantizedRules:
     qconfig = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
     if (qconfig.get("quant_method") != "mixtral-weight-only" or qconfig.get("bits") not in (4, 8)
-            or qconfig.get("activations", "int8") not in ("int8", "fp32")):
+            or qconfig.get("activations", "int8") not in ("int8", "fp32") or qconfig.get("version", 1) not in (1, 2)):
         raise CheckpointError(f"{path}: unsupported quantization_config {qconfig}")
     quantized = sorted({k[: -len(".qweight")] for k in keys if k.endswith(".qweight")})
     consumed = {q + s for q in quantized for s in SUFFIXES}
@@ -61,8 +69,15 @@ def prepare(model: nn.Module, rules: QuantizedRules, source: TensorSource, devic
                 bits == 4 and ".mins" not in tensors and not name.startswith("lm_head")):
             raise CheckpointError(f"{source.where(name + '.qweight')}: {name} lacks scales or mins")
         # Each tensor's format is what it holds: the output head is int8 in an int4 checkpoint.
-        qt = QuantizedTensor(4 if ".mins" in tensors else 8, tensors[".qweight"], tensors[".scales"],
-                             tensors.get(".mins"))
+        if ".mins" in tensors:
+            try:  # an older int4 layout is repacked once, here
+                q, scales, mins = upgrade_int4(tensors[".qweight"], tensors[".scales"], tensors[".mins"],
+                                               rules.qconfig.get("version", 1))
+            except (RuntimeError, ValueError) as e:
+                raise CheckpointError(f"{source.where(name + '.qweight')}: bad int4 tensors for {name}: {e}") from e
+            qt = QuantizedTensor(4, q, scales, mins)
+        else:
+            qt = QuantizedTensor(8, tensors[".qweight"], tensors[".scales"])
         module_name, _, leaf = local.rpartition(".")  # e.g. (...self_attn.qkv_proj, weight)
         if leaf == "weight":
             _replace(model, module_name, QuantLinear(qt))
@@ -76,7 +91,7 @@ def prepare(model: nn.Module, rules: QuantizedRules, source: TensorSource, devic
                 experts._pending = pending
         else:
             raise CheckpointError(f"{source.where(name + '.qweight')}: don't know how to load quantized {name}")
-    model.quantization_config = rules.qconfig
+    model.quantization_config = {**rules.qconfig, "version": LAYOUT_VERSION}  # what it holds now
     set_activations(model, rules.qconfig.get("activations", "int8"))
     return consumed
 
@@ -112,6 +127,7 @@ def save_quantized(model: nn.Module, directory: Path, copy_from: Path | None = N
 
     tensors = {k: v.contiguous().clone() for k, v in quantized_state(model).items()}
     qconfig = getattr(model, "quantization_config", None) or quantization_config("int8", 128, False)
+    qconfig = {**qconfig, "version": LAYOUT_VERSION}  # tensors in memory are always in the current layout
 
     def write(tmp: Path) -> None:
         model.config.save_pretrained(tmp)
