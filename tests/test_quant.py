@@ -79,6 +79,21 @@ def test_int4_packing_layout(K):
     assert torch.equal(q.long(), torch.stack(want, dim=1))
 
 
+def test_quantized_checkpoint_with_bad_shapes_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from mixtral.checkpoint import CheckpointError
+
+    model = quantize_model(small_model(seed=5), "int4", group_size=32)
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    key = "model.layers.1.mlp.experts.down_proj.scales"
+    tensors[key] = tensors[key][..., :-1].contiguous()  # one group short
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="layers.1.mlp.experts.down_proj"):
+        MixtralForCausalLM.from_pretrained(tmp_path)
+
+
 def test_int4_version1_checkpoint_is_upgraded(tmp_path):
     """A checkpoint in the first int4 layout (fp32 scales and mins, each block packed alone) loads
     as the weights it encodes, and saves back in the current layout."""

@@ -184,16 +184,24 @@ def decode_attention(attn: Attention, qkv: torch.Tensor, cos: torch.Tensor, sin:
     """
     from .kernels.cpu import cpu_kernels
 
-    B, hd = qkv.shape[0], cos.shape[-1]
-    slot, S = cache.decode_slot()
-    layout = cache._layout
-    # position_ids may be (1, 1) for the whole batch: cos/sin broadcast there, so expand them here.
-    cos, sin = cos.expand(B, 1, 1, hd).reshape(B, hd).contiguous(), sin.expand(B, 1, 1, hd).reshape(B, hd).contiguous()
+    B = qkv.shape[0]
+    cos, sin, slot, S, layout = decode_geometry(cache, cos, sin, B)
     out = cpu_kernels().decode_attention(
         qkv.reshape(B, -1).contiguous(), cos, sin, cache.k[attn.layer_idx], cache.v[attn.layer_idx],
         slot, S, layout.key_index, layout.key_valid, cache.seen, attn.window or 0, attn.num_heads,
     )
     return out.view(B, 1, -1)
+
+
+def decode_geometry(cache: KVCache, cos: torch.Tensor, sin: torch.Tensor, B: int):
+    """What the decode kernels take about a one-token step: cos/sin as contiguous (B, hd) (position_ids
+    may be (1, 1) for the whole batch, so they are expanded here), the cache slot the new key goes
+    to, the number of slots attended, and the step's layout (key_index, key_valid)."""
+    hd = cos.shape[-1]
+    slot, S = cache.decode_slot()
+    cos = cos.expand(B, 1, 1, hd).reshape(B, hd).contiguous()
+    sin = sin.expand(B, 1, 1, hd).reshape(B, hd).contiguous()
+    return cos, sin, slot, S, cache._layout
 
 
 # The gathering below reads modules' ``_modules`` / ``_parameters`` dicts directly: nn.Module's
@@ -263,19 +271,18 @@ def decode_layers(model: MixtralModel, h: torch.Tensor, cos: torch.Tensor, sin: 
     """All decoder layers of a decode step in one C++ call (``decode_layers`` in the CPU kernels), or
     None when this step or model is not covered. Same numbers as the layer-by-layer path (up to float
     rounding); it only removes the ~30 torch ops and module calls per layer between the kernels."""
+    from .kernels.cpu import cpu_kernels
+    from .moe import CPU_KERNEL_MAX_TOKENS
+
     config = model.config
-    if config.num_local_experts > 64 or h.shape[0] > 8:
+    if h.shape[0] > CPU_KERNEL_MAX_TOKENS:  # more rows: grouped matrix products beat the row kernels
         return None
     args = fused_layers_args(model.layers)
     if args is None:
         return None
-    from .kernels.cpu import cpu_kernels
-
     tensors, counts, quant_act = args
-    B, hd = h.shape[0], cos.shape[-1]
-    slot, S = cache.decode_slot()
-    layout = cache._layout
-    cos, sin = cos.expand(B, 1, 1, hd).reshape(B, hd).contiguous(), sin.expand(B, 1, 1, hd).reshape(B, hd).contiguous()
+    B = h.shape[0]
+    cos, sin, slot, S, layout = decode_geometry(cache, cos, sin, B)
     out = cpu_kernels().decode_layers(
         h.reshape(B, -1).contiguous(), cos, sin, tensors, counts, cache.k, cache.v, slot, S,
         layout.key_index, layout.key_valid, cache.seen, config.sliding_window or 0,

@@ -69,6 +69,9 @@ def prepare(model: nn.Module, rules: QuantizedRules, source: TensorSource, devic
                 bits == 4 and ".mins" not in tensors and not name.startswith("lm_head")):
             raise CheckpointError(f"{source.where(name + '.qweight')}: {name} lacks scales or mins")
         # Each tensor's format is what it holds: the output head is int8 in an int4 checkpoint.
+        problem = _shape_problem(tensors)
+        if problem:
+            raise CheckpointError(f"{source.where(name + '.qweight')}: {name}: {problem}")
         if ".mins" in tensors:
             try:  # an older int4 layout is repacked once, here
                 q, scales, mins = upgrade_int4(tensors[".qweight"], tensors[".scales"], tensors[".mins"],
@@ -94,6 +97,22 @@ def prepare(model: nn.Module, rules: QuantizedRules, source: TensorSource, devic
     model.quantization_config = {**rules.qconfig, "version": LAYOUT_VERSION}  # what it holds now
     set_activations(model, rules.qconfig.get("activations", "int8"))
     return consumed
+
+
+def _shape_problem(t: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with one quantized weight's stored tensors, or None (see the layout in mixtral.quant)."""
+    q, scales, mins = t[".qweight"], t[".scales"], t.get(".mins")
+    if mins is None:
+        if q.dtype != torch.int8 or tuple(scales.shape) != tuple(q.shape[:-1]):
+            return (f"int8 weight needs int8 qweight (..., O, K) and scales (..., O), got {q.dtype} "
+                    f"{tuple(q.shape)} and {tuple(scales.shape)}")
+        return None
+    K = 2 * q.shape[-1]
+    if (q.dtype != torch.uint8 or scales.shape != mins.shape or tuple(scales.shape[:-1]) != tuple(q.shape[:-1])
+            or scales.shape[-1] == 0 or K % scales.shape[-1] or (K // scales.shape[-1]) % 32):
+        return (f"int4 weight needs uint8 qweight (..., O, K/2) and scales/mins (..., O, K/G) with G a multiple "
+                f"of 32, got {q.dtype} {tuple(q.shape)}, {tuple(scales.shape)} and {tuple(mins.shape)}")
+    return None
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
