@@ -316,3 +316,33 @@ def test_cli_quantize(tmp_path):
     with torch.inference_mode():
         out = loaded.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4)
     assert out.shape == (1, 7)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_whole_step_decode_matches_layer_by_layer(mode, monkeypatch):
+    """The one-call decode of all layers (``decode_layers``) against the same quantized kernels run
+    layer by layer (int8 activations in both): same logits, same greedy tokens."""
+    import mixtral.model as model_mod
+    from mixtral.cache import KVCache
+    from mixtral.generation import decode_step, prefill
+    from mixtral.kernels.cpu import cpu_kernels
+
+    model = quantize_model(small_model(seed=6), mode, group_size=32, lm_head=True)
+    ids = torch.randint(0, 113, (2, 5))
+
+    def run():
+        cache = KVCache.for_model(model.config, 2)
+        logits = [prefill(model, ids, None, cache)]
+        for _ in range(6):
+            logits.append(decode_step(model, logits[-1].argmax(-1), None, cache))
+        return torch.stack(logits)
+
+    calls = []
+    real = model_mod.decode_layers
+    monkeypatch.setattr(model_mod, "decode_layers", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        fused = run()
+        monkeypatch.setattr(model_mod, "decode_layers", lambda *a: None)
+        per_layer = run()
+    assert len(calls) == (6 if cpu_kernels() is not None else 0)
+    torch.testing.assert_close(fused, per_layer, rtol=1e-4, atol=1e-4)
