@@ -35,12 +35,26 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-inline float dot_f32(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  float s = hsum(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
+// Eight weights widened to fp32, per stored type.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// sum_k w[k] x[k], w widened in registers; four accumulators so the fma latency does not bound it.
+template <class T>
+inline float dot_widened(const T* w, const float* x, int64_t K) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    a0 = _mm256_fmadd_ps(load8(w + k), _mm256_loadu_ps(x + k), a0);
+    a1 = _mm256_fmadd_ps(load8(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+    a2 = _mm256_fmadd_ps(load8(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+    a3 = _mm256_fmadd_ps(load8(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+  }
+  for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(load8(w + k), _mm256_loadu_ps(x + k), a0);
+  float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; k < K; ++k) s += float(w[k]) * x[k];
   return s;
 }
 
@@ -138,27 +152,8 @@ inline __m256i load32(const void* p) { return _mm256_loadu_si256(reinterpret_cas
 
 struct F32Rows {
   const float* w; int64_t K;
-  inline float dot(int64_t o, const Act& a) const {
-    const float* r = w + o * K;
-    const float* x = a.x;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r + k), _mm256_loadu_ps(x + k), a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(r + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(r + k + 16), _mm256_loadu_ps(x + k + 16), a2);
-      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(r + k + 24), _mm256_loadu_ps(x + k + 24), a3);
-    }
-    for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r + k), _mm256_loadu_ps(x + k), a0);
-    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; k < K; ++k) s += r[k] * x[k];
-    return s;
-  }
+  inline float dot(int64_t o, const Act& a) const { return dot_widened(w + o * K, a.x, K); }
 };
-
-inline __m256 widen8_i8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
 
 struct Q8Rows {
   const int8_t* q; const float* scale; int64_t K;
@@ -176,23 +171,11 @@ struct Q8Rows {
       if (b < nb) a0 = _mm256_fmadd_ps(dot_i8_block(load32(r + b * QB), load32(a.q + b * QB)), _mm256_set1_ps(a.d[b]), a0);
       return hsum(_mm256_add_ps(a0, a1)) * scale[o];
     }
-    const float* x = a.x;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-      a0 = _mm256_fmadd_ps(widen8_i8(r + k), _mm256_loadu_ps(x + k), a0);
-      a1 = _mm256_fmadd_ps(widen8_i8(r + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-      a2 = _mm256_fmadd_ps(widen8_i8(r + k + 16), _mm256_loadu_ps(x + k + 16), a2);
-      a3 = _mm256_fmadd_ps(widen8_i8(r + k + 24), _mm256_loadu_ps(x + k + 24), a3);
-    }
-    for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(widen8_i8(r + k), _mm256_loadu_ps(x + k), a0);
-    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; k < K; ++k) s += float(r[k]) * x[k];
-    return s * scale[o];
+    return dot_widened(r, a.x, K) * scale[o];  // fp32 activations: widen the weights
   }
 };
 
-// The 32 nibbles of block b (of nb in the row starting at r), as bytes 0..15.
+// The 32 nibbles of block b (of nb in the row starting at r), one per byte, in input order.
 inline __m256i nibbles(const uint8_t* r, int64_t b, int64_t nb) {
   const __m256i low = _mm256_set1_epi8(0x0F);
   if (b + 1 < nb || b % 2 == 1) {  // in a pair
@@ -503,7 +486,7 @@ void attention_rows(const Step& st, const float* qkv, float* kc, float* vc, floa
       const uint8_t* ok = st.allowed.data() + b * S;
       float mx = -INFINITY;
       for (int64_t j = 0; j < S; ++j)
-        if (ok[j]) { p[j] = dot_f32(q, keys + j * hd, hd) * scale; mx = std::max(mx, p[j]); }
+        if (ok[j]) { p[j] = dot_widened(q, keys + j * hd, hd) * scale; mx = std::max(mx, p[j]); }
       float sum = 0.f;
       for (int64_t j = 0; j < S; ++j) { p[j] = ok[j] ? std::exp(p[j] - mx) : 0.f; sum += p[j]; }
       float* o = out + bh * hd;
@@ -527,7 +510,7 @@ void route_rows(const float* x, const float* w, int64_t N, int64_t H, int64_t E,
   std::vector<uint8_t> taken(E);
   for (int64_t n = 0; n < N; ++n) {
     float mx = -INFINITY, sum = 0.f;
-    for (int64_t e = 0; e < E; ++e) { l[e] = dot_f32(x + n * H, w + e * H, H); mx = std::max(mx, l[e]); }
+    for (int64_t e = 0; e < E; ++e) { l[e] = dot_widened(x + n * H, w + e * H, H); mx = std::max(mx, l[e]); }
     if (logits) std::copy(l.begin(), l.end(), logits + n * E);
     for (int64_t e = 0; e < E; ++e) { prob[e] = std::exp(l[e] - mx); sum += prob[e]; }
     std::fill(taken.begin(), taken.end(), 0);
