@@ -9,8 +9,8 @@ What it does, in one process:
 1. Ceilings: copy bandwidth (a 4 GiB device-to-device copy; read + write bytes) and the bf16
    matmul rate (8192^3). Every later figure is stated as a fraction of these two.
 2. Builds Mixtral-8x7B-shaped weights directly on the device (random, std 0.02; no checkpoint).
-   Format: bf16 when the card holds the 93 GB (H200), else int8 weight-only experts (47 GB) with
-   bf16 attention -- the format is printed in the table.
+   Format: bf16 when the card holds the 93 GB (H200), else int8 weight-only attention and experts
+   (``mixtral.quant``'s format, 47 GB) -- the format is printed in the table.
 3. Decode: prefill a 128-token prompt, then time graph-replayed decode steps (``GraphDecoder``)
    at batch 1/8/32/64. Roofline for a step = bytes that must be read (attention + lm_head weights,
    the experts actually routed to in each layer -- counted with a hook in one eager step -- and the
@@ -33,8 +33,9 @@ import torch
 from mixtral import MixtralConfig, MixtralForCausalLM
 from mixtral.cache import KVCache
 from mixtral.kernels.cuda_graph import GraphDecoder, StaticCache
-from mixtral.kernels.fused_moe import Int8Experts, fused_experts
+from mixtral.kernels.fused_moe import fused_experts, fused_experts_int8, int8_linear
 from mixtral.kernels.moe_configs import MoeConfig
+from mixtral.quant import quantize_int8, quantize_model
 
 GiB = 1 << 30
 
@@ -67,31 +68,30 @@ def matmul_rate(n: int = 8192) -> float:
     return 2 * n**3 / cuda_time(lambda: a @ b, 20)
 
 
-def build_model(config: MixtralConfig, fmt: str) -> MixtralForCausalLM:
-    """Random Mixtral on the device, nothing on the host: meta construction, then fill in place."""
+def build_model(config: MixtralConfig, fmt: str, device: str = "cuda") -> MixtralForCausalLM:
+    """Random Mixtral on the device, nothing on the host: meta construction, then fill in place.
+
+    int8 is ``mixtral.quant``'s format, made by its own ``quantize_model`` (which runs on meta
+    tensors too): attention and experts int8 with fp32 per-row scales; router, norms, embeddings
+    and lm_head bf16 -- exactly what loading a ``mixtral quantize --mode int8`` checkpoint gives."""
     with torch.device("meta"):
         model = MixtralForCausalLM(config)
-        if fmt == "int8":
-            E, H, I = config.num_local_experts, config.hidden_size, config.intermediate_size
-            for layer in model.model.layers:
-                layer.mlp.experts = Int8Experts(
-                    torch.empty(E, 2 * I, H, dtype=torch.int8), torch.empty(E, 2 * I),
-                    torch.empty(E, H, I, dtype=torch.int8), torch.empty(E, H),
-                )
         for param in model.parameters():  # bf16 before allocating (fp32 Mixtral would be 187 GB)
             param.data = param.data.to(torch.bfloat16)
-    model = model.to_empty(device="cuda")
+        if fmt == "int8":
+            quantize_model(model, "int8")
+    model = model.to_empty(device=device)
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if t.dtype == torch.int8:
                 t.random_(-127, 128)
-            elif name.endswith("_scale"):
+            elif name.endswith(".scales"):
                 t.fill_(0.02 / 73.3)  # uniform int8 has std ~73.3: weights of std ~0.02
             elif "norm" in name:
                 t.fill_(1.0)
             else:
                 t.normal_(0, 0.02)
-    model.model.reset_rotary("cuda")
+    model.model.reset_rotary(device)
     return model.eval()
 
 
@@ -200,11 +200,32 @@ def bench_transformers(layers: int, batch: int, steps: int) -> dict | None:
                 ours_ms_per_layer=ours_sec * 1e3 / layers, speedup=hf_sec / ours_sec)
 
 
+def _best(name: str, candidates, run) -> dict:
+    best = None
+    for c in candidates:
+        try:
+            sec = cuda_time(lambda c=c: run(c), 10)
+        except Exception as exc:  # e.g. out of shared memory for a large tile
+            print(f"  skip {c}: {type(exc).__name__}")
+            continue
+        if best is None or sec < best[0]:
+            best = (sec, c)
+    print(f"tune {name}: {best[1]} {best[0] * 1e6:.1f} us")
+    return dict(case=name, best=best[1]._asdict(), us=best[0] * 1e6)
+
+
 def tune(fmt: str) -> list[dict]:
-    """Time candidate block sizes for one layer's bf16 experts; prints the best per token count."""
+    """Time candidate block sizes for one layer's experts (and, for int8, the attention
+    projections) in the benchmark's format; prints the best per token count, for moe_configs."""
     E, H, I = 8, 4096, 14336
     w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) * 0.02
     w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) * 0.02
+    if fmt == "int8":
+        (q13, s13), (q2, s2) = quantize_int8(w13), quantize_int8(w2)
+        del w13, w2
+        experts = lambda x, ids, w, c: fused_experts_int8(x, ids, w, q13, s13, q2, s2, config=c)  # noqa: E731
+    else:
+        experts = lambda x, ids, w, c: fused_experts(x, ids, w, w13, w2, config=c)  # noqa: E731
     candidates = [MoeConfig(m, n, k, w, s) for m in (16, 32, 64) for n in (32, 64, 128) for k in (64, 128, 256)
                   for w in (4, 8) for s in (3, 4)]
     rows = []
@@ -212,19 +233,16 @@ def tune(fmt: str) -> list[dict]:
         x = torch.randn(N, H, device="cuda", dtype=torch.bfloat16)
         ids = torch.rand(N, E, device="cuda").topk(2, dim=-1).indices
         w = torch.full((N, 2), 0.5, device="cuda")
-        best = None
-        for c in candidates:
-            if N <= 64 and c.block_m > 16 or N > 64 and c.block_m == 16:
-                continue
-            try:
-                sec = cuda_time(lambda c=c, x=x, ids=ids, w=w: fused_experts(x, ids, w, w13, w2, config=c), 10)
-            except Exception as exc:  # e.g. out of shared memory for a large tile
-                print(f"  skip {c}: {type(exc).__name__}")
-                continue
-            if best is None or sec < best[0]:
-                best = (sec, c)
-        rows.append(dict(tokens=N, best=best[1]._asdict(), us=best[0] * 1e6))
-        print(f"tune N={N}: {best[1]} {best[0] * 1e6:.1f} us/layer")
+        fits = [c for c in candidates if (c.block_m == 16) == (N <= 64)]
+        rows.append(_best(f"{fmt} experts N={N}", fits, lambda c, x=x, ids=ids, w=w: experts(x, ids, w, c)))
+    if fmt == "int8":
+        for out in (6144, 4096):  # q|k|v and o
+            q, s = quantize_int8(torch.randn(out, H, device="cuda") * 0.02)
+            for N in (1, 8, 64):
+                x = torch.randn(N, H, device="cuda", dtype=torch.bfloat16)
+                fits = [c for c in candidates if c.block_m == 16 or N > 16]
+                rows.append(_best(f"int8 linear {out}x{H} N={N}", fits,
+                                  lambda c, x=x, q=q, s=s: int8_linear(x, q, s, config=c)))
     return rows
 
 

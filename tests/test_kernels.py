@@ -25,18 +25,18 @@ pytest.importorskip("triton", reason="triton not installed (pip install 'triton=
 
 from mixtral.cache import KVCache, StepLayout  # noqa: E402
 from mixtral.kernels.attention import attention  # noqa: E402
-from mixtral.kernels.cuda_graph import StaticCache, decode_step  # noqa: E402
+from mixtral.kernels.cuda_graph import StaticCache, decode_step, graph_unsafe_modules  # noqa: E402
 from mixtral.kernels.fused_moe import (  # noqa: E402
-    dequantize_int8,
     fused_experts,
     fused_experts_int8,
+    int8_linear,
     moe_align,
     moe_align_reference,
-    quantize_int8,
 )
 from mixtral.kernels.moe_configs import MoeConfig, get_config, tokens_bucket  # noqa: E402
 from mixtral.model import build_mask, eager_attention  # noqa: E402
 from mixtral.moe import Experts, experts_reference  # noqa: E402
+from mixtral.quant import QuantExperts, QuantLinear, dequantize_int8, quantize_int8, quantize_model  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -117,6 +117,110 @@ def test_int8_experts_match_dequantized_reference(N, E, K):
     # And the quantization error against the unquantized experts stays small.
     exact = experts_reference(x, ids, weights, w13, w2)
     assert (got - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 40, 48), (3, 97, 48), (33, 40, 80)])
+def test_int8_linear_matches_dequantized_product(M, N, K):
+    g = torch.Generator().manual_seed(M)
+    q, s = quantize_int8(torch.randn(N, K, generator=g))
+    x = torch.randn(M, K, generator=g)
+    got = int8_linear(x.to(DEVICE), q.to(DEVICE), s.to(DEVICE), config=SMALL)
+    assert got.shape == (M, N) and got.dtype == x.dtype
+    torch.testing.assert_close(got.cpu(), x @ dequantize_int8(q, s).t(), atol=1e-4, rtol=1e-4)
+
+
+def test_int8_kernels_refuse_misshaped_scales():
+    x, w13, w2 = expert_weights(4)
+    (q13, s13), (q2, s2) = quantize_int8(w13), quantize_int8(w2)
+    ids, weights = routing(3, 4, 2)
+    with pytest.raises(ValueError, match="one per output channel"):
+        fused_experts_int8(x[:3], ids, weights, q13, s13[:, :-1], q2, s2)
+    with pytest.raises(ValueError, match="int8_linear"):
+        int8_linear(x[:3], q2[0], s2[0, :-1])
+
+
+def _dequantized_twin(qmodel, config):
+    """A float model holding the int8 model's dequantized weights, experts on the reference path:
+    the definition the Triton int8 kernels must reproduce."""
+    from mixtral import MixtralForCausalLM
+
+    ref = MixtralForCausalLM(config, attn_implementation="eager").eval()
+    float_state = {k: v for k, v in qmodel.state_dict().items() if ".qweight" not in k and ".scales" not in k}
+    for name, m in qmodel.named_modules():
+        if isinstance(m, QuantLinear):
+            float_state[f"{name}.weight"] = m.weight_q.dequantize()
+        elif isinstance(m, QuantExperts):
+            float_state[f"{name}.gate_up_proj"] = m.gate_up_q.dequantize()
+            float_state[f"{name}.down_proj"] = m.down_q.dequantize()
+    ref.load_state_dict(float_state)
+    for layer in ref.model.layers:
+        layer.mlp.experts.implementation = "reference"
+    return ref
+
+
+def test_int8_model_runs_the_triton_kernels(monkeypatch):
+    """A model quantized by ``mixtral.quant`` to int8, on the path it takes on CUDA (forced here
+    on the CPU): every attention projection and experts call goes through the Triton int8 kernels,
+    and prefill, cached decode and the CUDA graph's decode step match the dequantized float model."""
+    from conftest import tiny_kwargs
+
+    import mixtral.kernels.fused_moe as fm
+    import mixtral.quant as quant
+    from mixtral import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(**tiny_kwargs())
+    qmodel = quantize_model(MixtralForCausalLM(config, attn_implementation="eager").eval(), "int8")
+    ref = _dequantized_twin(qmodel, config)
+    calls = {"experts": 0, "linear": 0}
+
+    def counting(fn, key):
+        def wrapped(*a, **k):
+            calls[key] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(quant, "triton_int8_applies", lambda x, w: w.bits == 8 and not torch.is_grad_enabled())
+    monkeypatch.setattr(fm, "fused_experts_int8", counting(fm.fused_experts_int8, "experts"))
+    monkeypatch.setattr(fm, "int8_linear", counting(fm.int8_linear, "linear"))
+
+    ids = torch.randint(0, config.vocab_size, (2, 5))
+    steps, total = 3, 5 + 3
+    with torch.inference_mode():
+        cq = KVCache.for_model(config, 2, capacity=total)
+        cr = KVCache.for_model(config, 2, capacity=total)
+        got = qmodel(input_ids=ids, past_key_values=cq, use_cache=True).logits
+        want = ref(input_ids=ids, past_key_values=cr, use_cache=True).logits
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        L = config.num_hidden_layers
+        assert calls == {"experts": L, "linear": 2 * L}  # q|k|v and o per layer; lm_head stays float
+        static = StaticCache(config, 2, total, torch.float32, "cpu")
+        static.load(cq)
+        tok = want[:, -1].argmax(-1)
+        for _ in range(steps):
+            want = ref(input_ids=tok[:, None], past_key_values=cr, use_cache=True).logits[:, -1]
+            got = qmodel(input_ids=tok[:, None], past_key_values=cq, use_cache=True).logits[:, -1]
+            graph_body = decode_step(qmodel, static, tok, torch.ones(2, dtype=torch.bool))
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(graph_body, want, atol=1e-4, rtol=1e-4)
+            tok = want.argmax(-1)
+    assert calls["experts"] == L * (1 + 2 * steps)
+
+
+def test_graph_capture_refuses_modules_that_sync():
+    from conftest import tiny_kwargs
+
+    from mixtral import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(**tiny_kwargs())
+    model = MixtralForCausalLM(config)
+    assert graph_unsafe_modules(model) == []
+    model.model.layers[1].mlp.experts.implementation = "grouped"
+    assert graph_unsafe_modules(model) == [
+        "model.layers.1.mlp.experts: implementation 'grouped' (use 'auto' or 'triton')"]
+    assert graph_unsafe_modules(quantize_model(MixtralForCausalLM(config), "int8")) == []
+    int4 = graph_unsafe_modules(quantize_model(MixtralForCausalLM(config), "int4"))
+    assert len(int4) == config.num_hidden_layers and "int4 experts have no Triton kernel" in int4[0]
 
 
 def test_experts_module_runs_triton_implementation():
@@ -215,6 +319,35 @@ def test_static_decode_step_matches_model(window):
             tok = want.argmax(-1)
 
 
+def test_gpu_bench_builds_the_int8_model_it_measures():
+    """bench/gpu.py's model builder (meta construction, ``quantize_model``, fill in place) on the
+    CPU with a tiny config: int8 where ``mixtral quantize`` puts it, nothing left on meta, and the
+    byte count its roofline uses equals the int8 experts' size."""
+    import importlib.util
+    from pathlib import Path
+
+    from conftest import tiny_kwargs
+
+    from mixtral import MixtralConfig
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", Path(__file__).parents[1] / "bench" / "gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config = MixtralConfig(**tiny_kwargs())
+    model = bench.build_model(config, "int8", device="cpu")
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    assert all(t.device.type == "cpu" for t in tensors.values())
+    assert tensors["model.layers.0.mlp.experts.gate_up_q.qweight"].dtype == torch.int8
+    assert tensors["model.layers.0.self_attn.qkv_proj.weight_q.qweight"].dtype == torch.int8
+    assert tensors["lm_head.weight"].dtype == torch.bfloat16
+    per_expert, _ = bench.weight_bytes(model)
+    H, I = config.hidden_size, config.intermediate_size
+    assert per_expert == 3 * H * I + 4 * (2 * I + H)  # int8 weights + fp32 scales of one expert
+    with torch.inference_mode():
+        logits = model(torch.randint(0, config.vocab_size, (1, 3))).logits
+    assert torch.isfinite(logits).all()
+
+
 # --- GPU only ---------------------------------------------------------------------------------
 @needs_cuda
 def test_compiled_kernels_bf16_on_gpu():
@@ -236,6 +369,22 @@ def test_graph_decode_matches_eager_decode():
     torch.manual_seed(0)
     config = MixtralConfig(**tiny_kwargs())
     model = MixtralForCausalLM(config).to("cuda").eval()
+    ids = torch.randint(0, config.vocab_size, (2, 5), device="cuda")
+    got = generate_with_graph(model, ids, 6)
+    want = model.generate(ids, max_new_tokens=6, eos_token_id=[])[:, 5:]
+    assert torch.equal(got, want)
+
+
+@needs_cuda
+def test_int8_graph_decode_matches_eager_decode():
+    from conftest import tiny_kwargs
+
+    from mixtral import MixtralConfig, MixtralForCausalLM
+    from mixtral.kernels.cuda_graph import generate_with_graph
+
+    torch.manual_seed(0)
+    config = MixtralConfig(**tiny_kwargs())
+    model = quantize_model(MixtralForCausalLM(config).eval(), "int8").to("cuda")
     ids = torch.randint(0, config.vocab_size, (2, 5), device="cuda")
     got = generate_with_graph(model, ids, 6)
     want = model.generate(ids, max_new_tokens=6, eos_token_id=[])[:, 5:]

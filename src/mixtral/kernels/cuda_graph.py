@@ -120,6 +120,27 @@ def sample_on_device(logits: torch.Tensor, temperature: float, top_k: int | None
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=-1)
 
 
+def graph_unsafe_modules(model) -> list[str]:
+    """Experts modules whose CUDA forward reads values back to the host (``experts_grouped``'s
+    ``tolist``), which a CUDA graph cannot capture: "name: why" for each. Empty means capturable."""
+    from ..moe import Experts
+    from ..quant import QuantExperts
+
+    problems = []
+    for name, m in model.named_modules():
+        if isinstance(m, Experts):
+            if m.act is not F.silu:
+                problems.append(f"{name}: the Triton kernel implements SiLU experts only")
+            elif m.implementation not in ("auto", "triton"):
+                problems.append(f"{name}: implementation {m.implementation!r} (use 'auto' or 'triton')")
+        elif isinstance(m, QuantExperts):
+            if m.gate_up_q.bits != 8:
+                problems.append(f"{name}: int{m.gate_up_q.bits} experts have no Triton kernel (int8 and bf16 do)")
+            elif m.act is not F.silu:
+                problems.append(f"{name}: the Triton kernel implements SiLU experts only")
+    return problems
+
+
 class GraphDecoder:
     """One captured decode step for one batch size. ``step(tokens)`` -> next tokens (B,), on device.
 
@@ -130,6 +151,15 @@ class GraphDecoder:
     def __init__(self, model, cache: StaticCache, temperature: float = 0.0, top_k: int | None = None) -> None:
         if not torch.cuda.is_available() or cache.slot_token.device.type != "cuda":
             raise RuntimeError("GraphDecoder needs a CUDA device and a StaticCache on it")
+        problems = graph_unsafe_modules(model)
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise ValueError("this model's decode step cannot be captured in a CUDA graph: "
+                             + "; ".join(problems[:3]) + more)
+        from . import triton_available
+
+        if not triton_available():
+            raise RuntimeError("GraphDecoder needs Triton for the experts (pip install 'mixtral[gpu]')")
         B = cache.slot_valid.shape[0]
         device = cache.slot_token.device
         self.model, self.cache = model, cache

@@ -20,9 +20,13 @@ Same contract as ``mixtral.moe.experts_reference``::
    ``view(N, K, H).sum(1)``: a fixed order, so results are bit-for-bit reproducible (an atomic-add
    epilogue would not be).
 
-Int8 weight-only (``fused_experts_int8``): int8 weights with one fp32 scale per output channel.
-The weight tile is converted to the activation dtype inside the loop and the scale is applied
+Int8 weight-only (``fused_experts_int8``): ``mixtral.quant``'s int8 format, int8 weights with one
+fp32 scale per output channel, so a checkpoint written by ``mixtral quantize --mode int8`` runs here
+as stored. The same two kernels take a ``HAS_SCALE`` flag: the int8 tile is converted to the
+activation dtype inside the loop (exact: |q| <= 127 fits bf16's mantissa) and the scale is applied
 once to the accumulator (a per-output-channel scale factors out of the sum over K).
+``int8_linear`` is the same loop for a plain int8 ``Linear`` (the attention projections), used for
+few rows; many rows dequantize and use cuBLAS.
 
 Performance notes (not yet measured, see docs/kernels.md): decode is memory bound, so the kernels
 are judged by bytes moved; a decode block holds one real row in 16 (tl.dot's minimum), which
@@ -37,7 +41,6 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch import nn
 
 from .moe_configs import MoeConfig, get_config
 
@@ -130,7 +133,7 @@ def moe_align_reference(ids: torch.Tensor, num_experts: int, block_m: int):
 
 
 # ---------------------------------------------------------------------------------------------
-# 2-3. Grouped GEMMs. Shared pieces first; one kernel per weight format.
+# 2-3. Grouped GEMMs (bf16 or int8 weights), and a plain int8 Linear.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _block_rows(sorted_ptr, pid_m, num_slots, BLOCK_M: tl.constexpr):
@@ -147,12 +150,14 @@ def _mma(a, w, acc, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_bf16(
-    x_ptr, w_ptr, h_ptr, sorted_ptr, block_expert_ptr,
-    num_slots, I, H, stride_xm, stride_we, stride_wn, stride_hm,
+def _gate_up(
+    x_ptr, w_ptr, scale_ptr, h_ptr, sorted_ptr, block_expert_ptr,
+    num_slots, I, H, stride_xm, stride_we, stride_wn, stride_se, stride_hm,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    HAS_SCALE: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
+    """h[sorted row] = silu(x @ w1.T) * (x @ w3.T) for one (block, I-tile). With ``HAS_SCALE`` the
+    weights are int8 and ``scale_ptr`` holds one scale per output channel (E, 2I)."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if e < 0:
@@ -170,92 +175,30 @@ def _gate_up_bf16(
     for k0 in range(0, H, BLOCK_K):
         k_ok = offs_k < H - k0
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+        u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
         acc_g = _mma(a, g, acc_g, DOT_FP32)
         acc_u = _mma(a, u, acc_u, DOT_FP32)
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
+    if HAS_SCALE:  # a per-output-channel scale factors out of the sum over H: apply it once
+        s_ptrs = scale_ptr + e * stride_se + offs_n
+        acc_g *= tl.load(s_ptrs, mask=n_ok, other=0.0)[None, :]
+        acc_u *= tl.load(s_ptrs + I, mask=n_ok, other=0.0)[None, :]
     h = acc_g * tl.sigmoid(acc_g) * acc_u
     h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _gate_up_int8(
-    x_ptr, w_ptr, scale_ptr, h_ptr, sorted_ptr, block_expert_ptr,
-    num_slots, I, H, stride_xm, stride_we, stride_wn, stride_se, stride_hm,
-    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-):
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    if e < 0:
-        return
-    rows, slot, row_ok = _block_rows(sorted_ptr, pid_m, num_slots, BLOCK_M)
-    token = (slot // TOP_K).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < I
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :]
-    g_ptrs = w_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-    u_ptrs = g_ptrs + I * stride_wn
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        k_ok = offs_k < H - k0
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0).to(tl.float32)
-        u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0).to(tl.float32)
-        acc_g = _mma(a, g, acc_g, DOT_FP32)
-        acc_u = _mma(a, u, acc_u, DOT_FP32)
-        a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
-    s_ptrs = scale_ptr + e * stride_se + offs_n
-    acc_g *= tl.load(s_ptrs, mask=n_ok, other=0.0)[None, :]
-    acc_u *= tl.load(s_ptrs + I, mask=n_ok, other=0.0)[None, :]
-    h = acc_g * tl.sigmoid(acc_g) * acc_u
-    h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
-    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
-
-
-@triton.jit
-def _down_bf16(
-    h_ptr, w_ptr, y_ptr, rw_ptr, sorted_ptr, block_expert_ptr,
-    num_slots, H, I, stride_hm, stride_we, stride_wn, stride_ym,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
-):
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    if e < 0:
-        return
-    rows, slot, row_ok = _block_rows(sorted_ptr, pid_m, num_slots, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < H
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
-    w_ptrs = w_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
-        k_ok = offs_k < I - k0
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = _mma(a, w, acc, DOT_FP32)
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    acc *= tl.load(rw_ptr + slot, mask=row_ok, other=0.0)[:, None]
-    y_ptrs = y_ptr + slot[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])
-
-
-@triton.jit
-def _down_int8(
+def _down(
     h_ptr, w_ptr, scale_ptr, y_ptr, rw_ptr, sorted_ptr, block_expert_ptr,
     num_slots, H, I, stride_hm, stride_we, stride_wn, stride_se, stride_ym,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_SCALE: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
+    """y[slot] = routing weight * (h @ w2.T) for one (block, H-tile), fp32, in slot order."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if e < 0:
@@ -270,14 +213,41 @@ def _down_int8(
     for k0 in range(0, I, BLOCK_K):
         k_ok = offs_k < I - k0
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0).to(tl.float32)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
         acc = _mma(a, w, acc, DOT_FP32)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    acc *= tl.load(scale_ptr + e * stride_se + offs_n, mask=n_ok, other=0.0)[None, :]
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + e * stride_se + offs_n, mask=n_ok, other=0.0)[None, :]
     acc *= tl.load(rw_ptr + slot, mask=row_ok, other=0.0)[:, None]
     y_ptrs = y_ptr + slot[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _linear_int8(
+    x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """y = (x @ q.T) * scale for a plain int8 Linear: the ``_down`` loop without experts or routing."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+        acc = _mma(a, w, acc, DOT_FP32)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    acc *= tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,20 +283,7 @@ def fused_experts(
     """The experts' common signature on the Triton kernels (SiLU experts only)."""
     if act is not F.silu:
         raise NotImplementedError("the fused MoE kernel implements SiLU experts only")
-    _check(x, ids, weights, gate_up_proj, down_proj)
-    N, H = x.shape
-    E, I, K = gate_up_proj.shape[0], down_proj.shape[-1], ids.shape[1]
-    cfg_up, cfg_down = _configs("bf16", N, K, E, I, H, config)
-    y = _run(x, ids, weights, E, I, cfg_up, cfg_down,
-             lambda h, so, be, grid, c: _gate_up_bf16[grid](
-                 x, gate_up_proj, h, so, be, N * K, I, H, x.stride(0), gate_up_proj.stride(0),
-                 gate_up_proj.stride(1), h.stride(0), TOP_K=K, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-                 BLOCK_K=c.block_k, DOT_FP32=_DOT_FP32, num_warps=c.num_warps, num_stages=c.num_stages),
-             lambda h, y, rw, so, be, grid, c: _down_bf16[grid](
-                 h, down_proj, y, rw, so, be, N * K, H, I, h.stride(0), down_proj.stride(0),
-                 down_proj.stride(1), y.stride(0), BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-                 DOT_FP32=_DOT_FP32, num_warps=c.num_warps, num_stages=c.num_stages))
-    return y
+    return _run("bf16", x, ids, weights, gate_up_proj, None, down_proj, None, config)
 
 
 def fused_experts_int8(
@@ -339,78 +296,62 @@ def fused_experts_int8(
     down_scale: torch.Tensor,
     config: MoeConfig | None = None,
 ) -> torch.Tensor:
-    """Int8 weight-only experts: ``*_q`` int8 (E, N, K), ``*_scale`` fp32 (E, N), w = q * scale."""
-    _check(x, ids, weights, gate_up_q, down_q)
-    N, H = x.shape
-    E, I, K = gate_up_q.shape[0], down_q.shape[-1], ids.shape[1]
-    gs, ds = gate_up_scale.float().contiguous(), down_scale.float().contiguous()
-    cfg_up, cfg_down = _configs("int8", N, K, E, I, H, config)
-    return _run(x, ids, weights, E, I, cfg_up, cfg_down,
-                lambda h, so, be, grid, c: _gate_up_int8[grid](
-                    x, gate_up_q, gs, h, so, be, N * K, I, H, x.stride(0), gate_up_q.stride(0),
-                    gate_up_q.stride(1), gs.stride(0), h.stride(0), TOP_K=K, BLOCK_M=c.block_m,
-                    BLOCK_N=c.block_n, BLOCK_K=c.block_k, DOT_FP32=_DOT_FP32, num_warps=c.num_warps,
-                    num_stages=c.num_stages),
-                lambda h, y, rw, so, be, grid, c: _down_int8[grid](
-                    h, down_q, ds, y, rw, so, be, N * K, H, I, h.stride(0), down_q.stride(0),
-                    down_q.stride(1), ds.stride(0), y.stride(0), BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-                    BLOCK_K=c.block_k, DOT_FP32=_DOT_FP32, num_warps=c.num_warps,
-                    num_stages=c.num_stages))
+    """Int8 weight-only experts in ``mixtral.quant``'s int8 format: ``*_q`` int8 (E, N, K),
+    ``*_scale`` fp32 (E, N), w = q * scale. SiLU experts."""
+    if gate_up_scale.shape != gate_up_q.shape[:2] or down_scale.shape != down_q.shape[:2]:
+        raise ValueError(f"int8 scales must be one per output channel: gate_up {tuple(gate_up_q.shape)} with "
+                         f"scales {tuple(gate_up_scale.shape)}, down {tuple(down_q.shape)} with "
+                         f"scales {tuple(down_scale.shape)}")
+    return _run("int8", x, ids, weights, gate_up_q, gate_up_scale.float().contiguous(), down_q,
+                down_scale.float().contiguous(), config)
 
 
-def _run(x, ids, weights, E, I, cfg_up, cfg_down, launch_up, launch_down) -> torch.Tensor:
+def _run(fmt, x, ids, weights, w13, s13, w2, s2, config) -> torch.Tensor:
+    _check(x, ids, weights, w13, w2)
     N, H = x.shape
-    K = ids.shape[1]
+    E, I, K = w13.shape[0], w2.shape[-1], ids.shape[1]
+    cfg_up, cfg_down = _configs(fmt, N, K, E, I, H, config)
     # Both GEMMs walk the same sorted layout, so they share one block_m (the gate_up config's).
     block_m = cfg_up.block_m
     cfg_down = cfg_down._replace(block_m=block_m)
+    has_scale = s13 is not None
+    # Without scales the kernels never read scale_ptr; any tensor fills the slot.
+    s13, s2 = (s13, s2) if has_scale else (w13, w2)
     sorted_slots, block_expert = moe_align(ids, E, block_m)
     blocks = block_expert.numel()
+
     h = torch.empty(sorted_slots.numel(), I, dtype=x.dtype, device=x.device)  # sorted order
-    launch_up(h, sorted_slots, block_expert, (blocks, triton.cdiv(I, cfg_up.block_n)), cfg_up)
+    c = cfg_up
+    _gate_up[(blocks, triton.cdiv(I, c.block_n))](
+        x, w13, s13, h, sorted_slots, block_expert, N * K, I, H, x.stride(0), w13.stride(0), w13.stride(1),
+        s13.stride(0), h.stride(0), TOP_K=K, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+        HAS_SCALE=has_scale, DOT_FP32=_DOT_FP32, num_warps=c.num_warps, num_stages=c.num_stages)
+
     y = torch.empty(N * K, H, dtype=torch.float32, device=x.device)  # slot order
     rw = weights.reshape(-1).float().contiguous()
-    launch_down(h, y, rw, sorted_slots, block_expert, (blocks, triton.cdiv(H, cfg_down.block_n)), cfg_down)
+    c = cfg_down
+    _down[(blocks, triton.cdiv(H, c.block_n))](
+        h, w2, s2, y, rw, sorted_slots, block_expert, N * K, H, I, h.stride(0), w2.stride(0), w2.stride(1),
+        s2.stride(0), y.stride(0), BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+        HAS_SCALE=has_scale, DOT_FP32=_DOT_FP32, num_warps=c.num_warps, num_stages=c.num_stages)
     return y.view(N, K, H).sum(dim=1).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
-# Int8 weights
+# A plain int8 Linear (attention projections of an int8 model) for few rows
 # ---------------------------------------------------------------------------------------------
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: w (E, N, K) -> q int8 (E, N, K), scale fp32 (E, N)."""
-    amax = w.float().abs().amax(dim=-1).clamp(min=1e-8)
-    scale = amax / 127.0
-    q = torch.round(w.float() / scale[..., None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
-
-
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return (q.float() * scale[..., None]).to(dtype)
-
-
-class Int8Experts(nn.Module):
-    """Experts holding int8 weights with per-channel scales; forward runs the int8 kernel.
-
-    Buffers, not parameters: nothing here trains. ``from_experts`` quantizes an ``Experts`` module.
-    """
-
-    def __init__(self, gate_up_q, gate_up_scale, down_q, down_scale) -> None:
-        super().__init__()
-        self.register_buffer("gate_up_q", gate_up_q)
-        self.register_buffer("gate_up_scale", gate_up_scale)
-        self.register_buffer("down_q", down_q)
-        self.register_buffer("down_scale", down_scale)
-
-    @classmethod
-    def from_experts(cls, experts: nn.Module) -> Int8Experts:
-        with torch.no_grad():
-            return cls(*quantize_int8(experts.gate_up_proj), *quantize_int8(experts.down_proj))
-
-    @property
-    def num_experts(self) -> int:
-        return self.gate_up_q.shape[0]
-
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return fused_experts_int8(x, ids, weights, self.gate_up_q, self.gate_up_scale, self.down_q,
-                                  self.down_scale)
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                config: MoeConfig | None = None) -> torch.Tensor:
+    """x (M, K) @ (qweight (N, K) int8 * scales (N,)).T -> (M, N) in x's dtype. No host sync."""
+    M, K = x.shape
+    N = qweight.shape[0]
+    if qweight.shape != (N, K) or scales.shape != (N,) or x.stride(-1) != 1 or qweight.stride(-1) != 1:
+        raise ValueError(f"int8_linear: x {tuple(x.shape)}, qweight {tuple(qweight.shape)}, "
+                         f"scales {tuple(scales.shape)} (contiguous rows, one scale per output row)")
+    c = config or get_config("linear", "int8", M, 1, 1, N, K)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    _linear_int8[(triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n))](
+        x, qweight, scales, y, M, N, K, x.stride(0), qweight.stride(0), y.stride(0),
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, DOT_FP32=_DOT_FP32,
+        num_warps=c.num_warps, num_stages=c.num_stages)
+    return y

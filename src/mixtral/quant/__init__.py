@@ -27,7 +27,8 @@ internal names. ``config.json`` carries
 ``"quantization_config": {"quant_method": "mixtral-weight-only", "bits": 8|4, "group_size": G,
 "lm_head": bool, "activations": "int8"|"fp32", "version": 2}``.
 
-Speed: decode (few rows) runs AVX2 kernels (``mixtral.kernels.cpu``). By default they quantize the
+Speed on CUDA: int8 weights run Triton kernels that read them as stored (``triton_int8_applies``).
+Speed on the CPU: decode (few rows) runs AVX2 kernels (``mixtral.kernels.cpu``). By default they quantize the
 activations too, to int8 in blocks of 32 with one fp32 scale each (llama.cpp's Q8_0/Q8_1 scheme), so
 the inner loop is an integer dot product: widening every weight to fp32 is what bounds decode on a
 small CPU, not memory. That adds an activation rounding error of about 0.4% per product;
@@ -46,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import triton_available
 from ..kernels.cpu import cpu_kernels
 from ..moe import experts_grouped_by
 
@@ -196,6 +198,17 @@ def _use_kernels(x: torch.Tensor, rows: int):
     return cpu_kernels()
 
 
+TRITON_LINEAR_MAX_ROWS = 64  # beyond this an int8 Linear on CUDA dequantizes and uses cuBLAS (compute bound)
+
+
+def triton_int8_applies(x: torch.Tensor, weight: QuantizedTensor) -> bool:
+    """Whether an int8 weight runs the Triton kernels (``mixtral.kernels.fused_moe``): on CUDA,
+    without autograd (they have no backward), Triton installed. They read the int8 weights as
+    stored, with no host synchronisation, so a decode step stays capturable in a CUDA graph.
+    Activations stay in their dtype there (``int8_activations`` is a CPU-kernel setting)."""
+    return weight.bits == 8 and x.is_cuda and not torch.is_grad_enabled() and triton_available()
+
+
 class QuantLinear(nn.Module):
     """A bias-free Linear with an int8 or int4 weight; same call as ``nn.Linear``."""
 
@@ -208,6 +221,10 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] <= TRITON_LINEAR_MAX_ROWS and triton_int8_applies(x2, self.weight_q):
+            from ..kernels.fused_moe import int8_linear
+
+            return int8_linear(x2.contiguous(), *self.weight_q.kernel_args()).reshape(*lead, self.out_features)
         ck = _use_kernels(x2, x2.shape[0])
         if ck is not None:
             y = ck.linear(x2.contiguous(), self.weight_q.kernel_args(), self.weight_q.int8_activations)
@@ -219,9 +236,11 @@ class QuantLinear(nn.Module):
 class QuantExperts(nn.Module):
     """Experts with quantized stacked weights, behind the float ``Experts`` signature.
 
-    Decode (few tokens): one AVX2 kernel call per layer that reads only the chosen experts' rows.
-    Prefill (many tokens): tokens grouped by expert, each expert hit dequantized once and used in
+    CPU decode (few tokens): one AVX2 kernel call per layer that reads only the chosen experts' rows.
+    CPU prefill (many tokens): tokens grouped by expert, each expert hit dequantized once and used in
     one fp32 matrix product, as ``experts_grouped`` does for float weights.
+    int8 on CUDA: the Triton fused MoE (``fused_experts_int8``) for any number of tokens.
+    int4 on CUDA: the grouped path above (no Triton int4 kernel yet; not CUDA-graph capturable).
     """
 
     def __init__(self, gate_up: QuantizedTensor, down: QuantizedTensor, act) -> None:
@@ -237,6 +256,11 @@ class QuantExperts(nn.Module):
         return self.gate_up_q.qweight.shape[0]
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.act is F.silu and triton_int8_applies(x, self.gate_up_q):
+            from ..kernels.fused_moe import fused_experts_int8
+
+            return fused_experts_int8(x.contiguous(), ids, weights, *self.gate_up_q.kernel_args(),
+                                      *self.down_q.kernel_args())
         ck = _use_kernels(x, x.shape[0])
         if ck is not None and self.act is F.silu:
             return ck.experts(x.contiguous(), ids.long().contiguous(), weights.float().contiguous(),
