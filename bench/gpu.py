@@ -11,10 +11,10 @@ What it does, in one process:
 2. Builds Mixtral-8x7B-shaped weights directly on the device (random, std 0.02; no checkpoint).
    Format: bf16 when the card holds the 93 GB (H200), else int8 weight-only attention and experts
    (``mixtral.quant``'s format, 47 GB) -- the format is printed in the table.
-3. Decode: prefill a 128-token prompt, then time graph-replayed decode steps (``GraphDecoder``)
-   at batch 1/8/32/64. Roofline for a step = bytes that must be read (attention + lm_head weights,
-   the experts actually routed to in each layer -- counted with a hook in one eager step -- and the
-   KV cache) / copy bandwidth.
+3. Decode: prefill a 128-token prompt, then time graph-replayed decode steps (``GraphDecoder``,
+   layers compiled by torch.compile; batch 1 also without) at batch 1/8/32/64. Roofline for a
+   step = bytes that must be read (attention + lm_head weights, the experts actually routed to in
+   each layer -- counted with a hook in one eager step -- and the KV cache) / copy bandwidth.
 4. Prefill of 4096 tokens at batch 1: FLOPs of the expert and attention products / time, against
    the measured matmul rate.
 5. transformers' MixtralForCausalLM (its default experts path, bf16, eager decode with its cache)
@@ -119,13 +119,13 @@ def experts_read(model, tokens: torch.Tensor, cache: KVCache) -> int:
     return sum(counts)
 
 
-def bench_decode(model, batch: int, prompt: int, steps: int, bw: float) -> dict:
+def bench_decode(model, batch: int, prompt: int, steps: int, bw: float, compile: bool = True) -> dict:
     config = model.config
     capacity = prompt + steps + 8
     ids = torch.randint(0, config.vocab_size, (batch, prompt), device="cuda")
     static = StaticCache(config, batch, capacity, torch.bfloat16, "cuda")
     t0 = time.perf_counter()
-    decoder = GraphDecoder(model, static)
+    decoder = GraphDecoder(model, static, compile=compile)
     capture_s = time.perf_counter() - t0
     cache = KVCache.for_model(config, batch, capacity=capacity, dtype=torch.bfloat16, device="cuda")
     logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
@@ -143,7 +143,8 @@ def bench_decode(model, batch: int, prompt: int, steps: int, bw: float) -> dict:
     sec = cuda_time(step, steps, warmup=3)
     tok_s = batch / sec
     roof = batch * bw / step_bytes
-    return dict(batch=batch, step_ms=sec * 1e3, tok_s=tok_s, roofline_tok_s=roof, pct_roofline=100 * tok_s / roof,
+    return dict(batch=batch, compiled=compile, step_ms=sec * 1e3, tok_s=tok_s, roofline_tok_s=roof,
+                pct_roofline=100 * tok_s / roof,
                 experts_read_per_layer=read / len(model.model.layers), step_gb=step_bytes / 1e9,
                 capture_s=capture_s)
 
@@ -253,6 +254,7 @@ def main() -> None:
     p.add_argument("--format", choices=("auto", "bf16", "int8"), default="auto")
     p.add_argument("--layers", type=int, default=32, help="layers of our full model (32 = Mixtral-8x7B)")
     p.add_argument("--hf-layers", type=int, default=2)
+    p.add_argument("--no-compile", action="store_true", help="capture the eager decode step only")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -267,31 +269,59 @@ def main() -> None:
     import triton
 
     results["triton"] = triton.__version__
+    path = args.json or (os.path.join(os.environ["OUT"], "gpu_bench.json") if os.environ.get("OUT") else None)
+
+    def save() -> None:  # after every stage, so a run cut short still leaves what it measured
+        if path:
+            with open(path, "w") as f:
+                json.dump(results, f, indent=2)
+
     bw, mm = copy_bandwidth(), matmul_rate()
     torch.cuda.empty_cache()
     results.update(copy_gb_s=bw / 1e9, bf16_tflops=mm / 1e12)
     print(f"{props.name}: copy {bw / 1e9:.0f} GB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s, format {fmt}")
+    save()
 
     if args.tune:
         results["tune"] = tune(fmt)
         torch.cuda.empty_cache()
+        save()
 
     with torch.inference_mode():
         if not args.quick:
             results["transformers"] = bench_transformers(args.hf_layers, 1, 16)
             print("transformers vs ours, per layer:", results["transformers"])
+            save()
         model = build_model(MixtralConfig(num_hidden_layers=args.layers), fmt)
         results["weights_gb"] = sum(t.numel() * t.element_size()
                                     for t in list(model.parameters()) + list(model.buffers())) / 1e9
         batches = (1, 8) if args.quick else (1, 8, 32, 64)
         results["decode"] = []
-        for b in batches:
-            r = bench_decode(model, b, 128, 16 if args.quick else 64, bw)
+        steps = 16 if args.quick else 64
+        # Batch 1 both ways: what torch.compile's fusion of the small ops is worth inside the graph.
+        runs = [(b, c) for b in batches for c in ((False, True) if b == 1 else (True,))]
+        compile_ok = not args.no_compile
+        for b, compiled in runs:
+            if compiled and not compile_ok:
+                continue
+            try:
+                r = bench_decode(model, b, 128, steps, bw, compile=compiled)
+            except Exception as exc:  # record and go on with the eager-captured step
+                results["compile_error"] = f"{type(exc).__name__}: {exc}"[:2000]
+                print("compiled decode failed, continuing without it:", results["compile_error"])
+                compile_ok = False
+                if b != 1:
+                    r = bench_decode(model, b, 128, steps, bw, compile=False)
+                else:
+                    continue
             results["decode"].append(r)
-            print(f"decode b={b}: {r['tok_s']:.1f} tok/s, {r['pct_roofline']:.0f}% of {r['roofline_tok_s']:.1f}")
+            print(f"decode b={b} compiled={r['compiled']}: {r['tok_s']:.1f} tok/s, {r['pct_roofline']:.0f}% of "
+                  f"{r['roofline_tok_s']:.1f} (capture {r['capture_s']:.0f} s)")
+            save()
         torch.cuda.empty_cache()
         results["prefill"] = bench_prefill(model, 1024 if args.quick else 4096, mm)
         print("prefill:", results["prefill"])
+        save()
 
     print()
     print(f"| {props.name} | {fmt} | {args.layers} layers | copy {bw / 1e9:.0f} GB/s | "
@@ -299,7 +329,8 @@ def main() -> None:
     print("| run | tok/s | roofline tok/s | % of roofline |")
     print("|---|---:|---:|---:|")
     for r in results["decode"]:
-        print(f"| decode batch {r['batch']} | {r['tok_s']:.1f} | {r['roofline_tok_s']:.1f} "
+        how = "compiled graph" if r["compiled"] else "eager graph"
+        print(f"| decode batch {r['batch']}, {how} | {r['tok_s']:.1f} | {r['roofline_tok_s']:.1f} "
               f"| {r['pct_roofline']:.0f}% |")
     pf = results["prefill"]
     print(f"| prefill {pf['tokens']} | {pf['tok_s']:.0f} | - | {pf['pct_matmul']:.0f}% of matmul rate |")
@@ -307,10 +338,7 @@ def main() -> None:
     if hf:
         print(f"| transformers ({hf['layers']} layers, bf16, batch 1) | {hf['hf_ms_per_layer']:.3f} ms/layer | "
               f"ours {hf['ours_ms_per_layer']:.3f} ms/layer | {hf['speedup']:.1f}x |")
-    path = args.json or (os.path.join(os.environ["OUT"], "gpu_bench.json") if os.environ.get("OUT") else None)
     if path:
-        with open(path, "w") as f:
-            json.dump(results, f, indent=2)
         print("wrote", path)
 
 

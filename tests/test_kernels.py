@@ -207,6 +207,49 @@ def test_int8_model_runs_the_triton_kernels(monkeypatch):
     assert calls["experts"] == L * (1 + 2 * steps)
 
 
+@pytest.mark.parametrize("fmt", ["float", "int8"])
+def test_decode_step_compiles_whole(monkeypatch, fmt):
+    """The layer step GraphDecoder captures traces as one graph (``fullgraph``: any break raises) on
+    the branches CUDA takes -- Triton experts, int8 kernels as torch ops, no CPU-kernel calls --
+    compiled once for all layers, and the compiled step (AOT autograd's functionalized graph, which
+    is what inductor receives) keeps the rolling cache's in-place writes: same logits as the eager
+    step, step after step."""
+    from conftest import tiny_kwargs
+
+    import mixtral.quant as quant
+    from mixtral import MixtralConfig, MixtralForCausalLM
+    from mixtral.kernels.cuda_graph import compiled_decode_step
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(quant, "triton_int8_applies", lambda x, w: w.bits == 8 and not torch.is_grad_enabled())
+    torch.manual_seed(0)
+    config = MixtralConfig(**tiny_kwargs(sliding_window=4))
+    model = MixtralForCausalLM(config).eval()
+    for layer in model.model.layers:
+        layer.mlp.experts.implementation = "triton"
+    if fmt == "int8":
+        quantize_model(model, "int8")
+    ids = torch.randint(0, config.vocab_size, (2, 5))
+    valid = torch.ones(2, dtype=torch.bool)
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    step = compiled_decode_step(backend=counter)
+    with torch.inference_mode():
+        cache = KVCache.for_model(config, 2, capacity=9)
+        tok = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
+        eager, compiled = (StaticCache(config, 2, 9, torch.float32, "cpu") for _ in range(2))
+        eager.load(cache)
+        compiled.load(cache)
+        for _ in range(3):  # past the window of 4: the rolling buffer wraps
+            want = decode_step(model, eager, tok, valid)
+            torch.testing.assert_close(step(model, compiled, tok, valid), want, atol=1e-5, rtol=1e-5)
+            tok = want.argmax(-1)
+    assert counter.frame_count == 1  # one graph, reused by every layer and step
+    for a, b in zip(eager.k + eager.v, compiled.k + compiled.v):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
 def test_graph_capture_refuses_modules_that_sync():
     from conftest import tiny_kwargs
 

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import importlib.util
 
+# Looked up once (find_spec does not import Triton): the answer cannot change within a process, and
+# a constant is something torch.compile can trace through without a graph break.
+_TRITON = importlib.util.find_spec("triton") is not None
+
 
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON

@@ -1,7 +1,8 @@
 """The AVX2 decode kernels (``cpu_kernels.cpp``), compiled with the system C++ compiler at first use.
 
 ``cpu_kernels()`` returns the compiled module, or None where it cannot be had: not an x86 CPU with
-AVX2+FMA, no compiler, a failed build, or ``MIXTRAL_CPU_KERNELS=0`` in the environment. Every
+AVX2+FMA, no compiler, a failed build, ``MIXTRAL_CPU_KERNELS=0`` in the environment, or inside a
+``torch.compile`` trace. Every
 caller has a pure-torch fallback with the same numbers (up to float rounding), so None only costs
 speed. The build takes ~30 s once and is cached by torch in ``~/.cache/torch_extensions``.
 """
@@ -37,8 +38,17 @@ def _build_directory() -> Path:
     return path
 
 
-@functools.cache
 def cpu_kernels():
+    """The compiled module, or None (see above). Always None while torch.compile traces: the
+    pybind functions are opaque to it (each call would break the graph), and the plain torch ops
+    of every fallback are what the compiler fuses anyway."""
+    if torch.compiler.is_compiling():
+        return None
+    return _load()
+
+
+@functools.cache
+def _load():
     if os.environ.get("MIXTRAL_CPU_KERNELS", "1") == "0" or not _cpu_supported() or not SOURCE.exists():
         return None
     try:

@@ -23,6 +23,8 @@ step, so size the buffer to the generation, not to the model's maximum context.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -70,8 +72,12 @@ class StaticCache:
         self.row_positions.copy_(cache.row_positions)
 
 
-def decode_step(model, cache: StaticCache, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """tokens (B,) long, valid (B,) bool -> logits (B, V). Shape-static, no host sync."""
+def decode_step(model, cache: StaticCache, tokens: torch.Tensor, valid: torch.Tensor,
+                layer_step=None) -> torch.Tensor:
+    """tokens (B,) long, valid (B,) bool -> logits (B, V). Shape-static, no host sync.
+
+    ``layer_step`` replaces ``decode_layer`` (``compiled_decode_step`` passes its compiled form)."""
+    layer_step = layer_step or decode_layer
     base = model.model
     n = cache.seen
     slot = (n % cache.capacity if cache.window is not None else n).view(1)
@@ -87,24 +93,30 @@ def decode_step(model, cache: StaticCache, tokens: torch.Tensor, valid: torch.Te
     h = base.embed_tokens(tokens[:, None])  # (B, 1, H)
     cos, sin = rotary_cos_sin(base.inv_freq, cache.row_positions[:, None], h.dtype)
     for i, layer in enumerate(base.layers):
-        attn = layer.self_attn
-        B = h.shape[0]
-        q, k, v = attn.qkv_proj(layer.input_layernorm(h)).split(attn.qkv_sizes, dim=-1)
-        q = q.view(B, 1, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, nh, 1, hd)
-        k = k.view(B, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)  # (B, nkv, 1, hd)
-        v = v.view(B, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        cache.k[i].index_copy_(2, slot, k)
-        cache.v[i].index_copy_(2, slot, v)
-        out = F.scaled_dot_product_attention(q, cache.k[i], cache.v[i], attn_mask=mask,
-                                             enable_gqa=attn.num_kv_heads != attn.num_heads)
-        h = h + attn.o_proj(out.transpose(1, 2).reshape(B, 1, -1))
-        y, _ = layer.mlp(layer.post_attention_layernorm(h))
-        h = h + y
+        h = layer_step(layer, h, cos, sin, cache.k[i], cache.v[i], slot, mask)
     logits = model.lm_head(base.norm(h))[:, -1]
     cache.seen += 1
     cache.row_positions += valid.long()
     return logits
+
+
+def decode_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One decoder layer of a decode step: h (B, 1, H) -> (B, 1, H); writes k/v at ``slot``."""
+    attn = layer.self_attn
+    B = h.shape[0]
+    q, k, v = attn.qkv_proj(layer.input_layernorm(h)).split(attn.qkv_sizes, dim=-1)
+    q = q.view(B, 1, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, nh, 1, hd)
+    k = k.view(B, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)  # (B, nkv, 1, hd)
+    v = v.view(B, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    k_cache.index_copy_(2, slot, k)
+    v_cache.index_copy_(2, slot, v)
+    out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask,
+                                         enable_gqa=attn.num_kv_heads != attn.num_heads)
+    h = h + attn.o_proj(out.transpose(1, 2).reshape(B, 1, -1))
+    y, _ = layer.mlp(layer.post_attention_layernorm(h))
+    return h + y
 
 
 def sample_on_device(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
@@ -141,14 +153,36 @@ def graph_unsafe_modules(model) -> list[str]:
     return problems
 
 
+def compiled_decode_step(backend: str = "inductor"):
+    """``decode_step`` with each layer run by ``torch.compile(decode_layer)``, traced whole
+    (``fullgraph``: a graph break raises) with static shapes.
+
+    Why: a graph removes launch *latency*, not launches. Eager, a layer's step is ~40 kernels (the
+    norms, rotary, router softmax/top-k and residual adds are several small ones each); replayed,
+    each still costs a few microseconds, ~1280 per token over 32 layers, a large share of a step
+    that moves its bytes in ~4-5 ms. Inductor fuses those elementwise chains; the Triton MoE and
+    int8 kernels stay opaque nodes (registered torch ops, ``fused_moe``) and the CPU kernels step
+    aside while tracing (``cpu_kernels``).
+
+    Per layer rather than the whole step: the layers are identical modules, which torch.compile
+    passes as inputs, so one compilation serves all 32 (compiling the unrolled step would take 32x
+    as long, once per batch size). The few ops outside the layers run eagerly.
+    """
+    layer_step = torch.compile(decode_layer, fullgraph=True, dynamic=False, backend=backend)
+    return functools.partial(decode_step, layer_step=layer_step)
+
+
 class GraphDecoder:
     """One captured decode step for one batch size. ``step(tokens)`` -> next tokens (B,), on device.
 
     Capture happens on an empty cache (the warm-up runs write into it), then the cache is reset;
     ``cache.load`` after prefill refills the same tensors, so the graph reads the prompt's keys.
+    ``compile=True`` captures the ``torch.compile``d step (``compiled_decode_step``); sampling stays
+    outside the compiled part (its RNG is the graph-safe default generator's).
     """
 
-    def __init__(self, model, cache: StaticCache, temperature: float = 0.0, top_k: int | None = None) -> None:
+    def __init__(self, model, cache: StaticCache, temperature: float = 0.0, top_k: int | None = None,
+                 compile: bool = True) -> None:
         if not torch.cuda.is_available() or cache.slot_token.device.type != "cuda":
             raise RuntimeError("GraphDecoder needs a CUDA device and a StaticCache on it")
         problems = graph_unsafe_modules(model)
@@ -166,15 +200,17 @@ class GraphDecoder:
         self.tokens = torch.zeros(B, dtype=torch.long, device=device)
         self.valid = torch.ones(B, dtype=torch.bool, device=device)
 
+        step = compiled_decode_step() if compile else decode_step
+
         def run() -> torch.Tensor:
-            logits = decode_step(model, cache, self.tokens, self.valid)
+            logits = step(model, cache, self.tokens, self.valid)
             return sample_on_device(logits, temperature, top_k)
 
         with torch.inference_mode():
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                for _ in range(3):  # compiles the Triton kernels, settles allocator pools
+                for _ in range(3):  # compiles (torch.compile, Triton), settles allocator pools
                     run()
             torch.cuda.current_stream().wait_stream(stream)
             cache.reset()
@@ -191,25 +227,26 @@ class GraphDecoder:
         return self.next_tokens
 
 
-_DECODERS: dict[tuple[int, int, int, float, int | None], GraphDecoder] = {}
+_DECODERS: dict[tuple[int, int, int, float, int | None, bool], GraphDecoder] = {}
 
 
 @torch.inference_mode()
 def generate_with_graph(
     model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
-    temperature: float = 0.0, top_k: int | None = None,
+    temperature: float = 0.0, top_k: int | None = None, compile: bool = True,
 ) -> torch.Tensor:
     """Prefill eagerly, then decode by graph replay. Returns (B, max_new_tokens) new token ids.
 
-    One graph (and one static cache) is kept per (model, batch size, capacity, sampling) and reused.
+    One graph (and one static cache) is kept per (model, batch size, capacity, sampling, compile)
+    and reused.
     No EOS handling: the caller trims; checking EOS each step would cost a sync.
     """
     B, L = input_ids.shape
     capacity = L + max_new_tokens
-    key = (id(model), B, capacity, temperature, top_k)
+    key = (id(model), B, capacity, temperature, top_k, compile)
     if key not in _DECODERS:
         static = StaticCache(model.config, B, capacity, model.dtype, input_ids.device)
-        _DECODERS[key] = GraphDecoder(model, static, temperature, top_k)
+        _DECODERS[key] = GraphDecoder(model, static, temperature, top_k, compile)
     decoder = _DECODERS[key]
     cache = KVCache.for_model(model.config, B, capacity=capacity, dtype=model.dtype, device=input_ids.device)
     out = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,

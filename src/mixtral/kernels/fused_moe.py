@@ -283,6 +283,8 @@ def fused_experts(
     """The experts' common signature on the Triton kernels (SiLU experts only)."""
     if act is not F.silu:
         raise NotImplementedError("the fused MoE kernel implements SiLU experts only")
+    if config is None:
+        return torch.ops.mixtral.fused_experts(x, ids, weights, gate_up_proj, down_proj)
     return _run("bf16", x, ids, weights, gate_up_proj, None, down_proj, None, config)
 
 
@@ -302,11 +304,13 @@ def fused_experts_int8(
         raise ValueError(f"int8 scales must be one per output channel: gate_up {tuple(gate_up_q.shape)} with "
                          f"scales {tuple(gate_up_scale.shape)}, down {tuple(down_q.shape)} with "
                          f"scales {tuple(down_scale.shape)}")
-    return _run("int8", x, ids, weights, gate_up_q, gate_up_scale.float().contiguous(), down_q,
-                down_scale.float().contiguous(), config)
+    gs, ds = gate_up_scale.float().contiguous(), down_scale.float().contiguous()
+    if config is None:
+        return torch.ops.mixtral.fused_experts_int8(x, ids, weights, gate_up_q, gs, down_q, ds)
+    return _run("int8", x, ids, weights, gate_up_q, gs, down_q, ds, config)
 
 
-def _run(fmt, x, ids, weights, w13, s13, w2, s2, config) -> torch.Tensor:
+def _run(fmt, x, ids, weights, w13, s13, w2, s2, config: MoeConfig | None) -> torch.Tensor:
     _check(x, ids, weights, w13, w2)
     N, H = x.shape
     E, I, K = w13.shape[0], w2.shape[-1], ids.shape[1]
@@ -348,6 +352,14 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if qweight.shape != (N, K) or scales.shape != (N,) or x.stride(-1) != 1 or qweight.stride(-1) != 1:
         raise ValueError(f"int8_linear: x {tuple(x.shape)}, qweight {tuple(qweight.shape)}, "
                          f"scales {tuple(scales.shape)} (contiguous rows, one scale per output row)")
+    if config is None:
+        return torch.ops.mixtral.int8_linear(x, qweight, scales)
+    return _linear(x, qweight, scales, config)
+
+
+def _linear(x, qweight, scales, config) -> torch.Tensor:
+    M, K = x.shape
+    N = qweight.shape[0]
     c = config or get_config("linear", "int8", M, 1, 1, N, K)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     _linear_int8[(triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n))](
@@ -355,3 +367,43 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, DOT_FP32=_DOT_FP32,
         num_warps=c.num_warps, num_stages=c.num_stages)
     return y
+
+
+# ---------------------------------------------------------------------------------------------
+# The same three entry points as torch custom ops
+# ---------------------------------------------------------------------------------------------
+# torch.compile cannot trace into a Triton launch made from Python; as registered ops the kernels
+# are opaque nodes of the compiled decode step (no graph break), their output shapes given by the
+# fake implementations. Config lookup happens inside, from the shapes, so the op signatures carry
+# tensors only. Calls with an explicit config (tests, tuning) skip the ops.
+
+@torch.library.custom_op("mixtral::fused_experts", mutates_args=())
+def _fused_experts_op(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+                      w2: torch.Tensor) -> torch.Tensor:
+    return _run("bf16", x, ids, weights, w13, None, w2, None, None)
+
+
+@torch.library.custom_op("mixtral::fused_experts_int8", mutates_args=())
+def _fused_experts_int8_op(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, q13: torch.Tensor,
+                           s13: torch.Tensor, q2: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    return _run("int8", x, ids, weights, q13, s13, q2, s2, None)
+
+
+@torch.library.custom_op("mixtral::int8_linear", mutates_args=())
+def _int8_linear_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return _linear(x, qweight, scales, None)
+
+
+@_fused_experts_op.register_fake
+def _(x, ids, weights, w13, w2):
+    return torch.empty_like(x)
+
+
+@_fused_experts_int8_op.register_fake
+def _(x, ids, weights, q13, s13, q2, s2):
+    return torch.empty_like(x)
+
+
+@_int8_linear_op.register_fake
+def _(x, qweight, scales):
+    return x.new_empty(x.shape[0], qweight.shape[0])
