@@ -235,6 +235,8 @@ def tune(fmt: str) -> list[dict]:
         ids = torch.rand(N, E, device="cuda").topk(2, dim=-1).indices
         w = torch.full((N, 2), 0.5, device="cuda")
         fits = [c for c in candidates if (c.block_m == 16) == (N <= 64)]
+        if N <= 8:  # few programs in the down product: try splitting its K (I) two and four ways
+            fits += [c._replace(split_k=sk) for c in fits for sk in (2, 4)]
         rows.append(_best(f"{fmt} experts N={N}", fits, lambda c, x=x, ids=ids, w=w: experts(x, ids, w, c)))
     if fmt == "int8":
         for out in (6144, 4096):  # q|k|v and o

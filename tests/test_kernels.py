@@ -45,6 +45,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 HIDDEN, INTER = 48, 40
 SMALL = MoeConfig(block_m=16, block_n=32, block_k=32)
 LARGE = MoeConfig(block_m=32, block_n=32, block_k=32)  # fewer interpreted programs for 257 tokens
+# Split-K over I=40 in 32-wide steps: splits [0, 32), [32, 40) and one past the end (zeros).
+SPLIT = MoeConfig(block_m=16, block_n=32, block_k=32, split_k=3)
 
 
 def routing(N: int, E: int, K: int, seed: int = 0):
@@ -81,6 +83,8 @@ CASES = [
     (3, 8, 2, torch.bfloat16, SMALL),
     (33, 8, 4, torch.bfloat16, SMALL),
     (33, 4, 1, torch.float32, SMALL),
+    (3, 8, 2, torch.float32, SPLIT),
+    (33, 8, 2, torch.bfloat16, SPLIT),
     (257, 8, 2, torch.float32, LARGE),
 ]
 
@@ -97,21 +101,22 @@ def test_fused_experts_match_reference(N, E, K, dtype, config):
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=0 if dtype == torch.float32 else 3e-2)
 
 
-def test_fused_experts_deterministic():
+@pytest.mark.parametrize("config", [SMALL, SPLIT])
+def test_fused_experts_deterministic(config):
     x, w13, w2 = expert_weights(4)
     ids, weights = routing(33, 4, 2)
-    a = fused_experts(x[:33], ids, weights, w13, w2, config=SMALL)
-    b = fused_experts(x[:33], ids, weights, w13, w2, config=SMALL)
+    a = fused_experts(x[:33], ids, weights, w13, w2, config=config)
+    b = fused_experts(x[:33], ids, weights, w13, w2, config=config)
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("N,E,K", [(1, 8, 2), (33, 4, 4), (3, 8, 1)])
-def test_int8_experts_match_dequantized_reference(N, E, K):
+@pytest.mark.parametrize("N,E,K,config", [(1, 8, 2, SMALL), (33, 4, 4, SMALL), (3, 8, 1, SMALL), (1, 8, 2, SPLIT)])
+def test_int8_experts_match_dequantized_reference(N, E, K, config):
     x, w13, w2 = expert_weights(E)
     x = x[:N]
     (q13, s13), (q2, s2) = quantize_int8(w13), quantize_int8(w2)
     ids, weights = routing(N, E, K)
-    got = fused_experts_int8(x, ids, weights, q13, s13, q2, s2, config=SMALL)
+    got = fused_experts_int8(x, ids, weights, q13, s13, q2, s2, config=config)
     want = experts_reference(x, ids, weights, dequantize_int8(q13, s13), dequantize_int8(q2, s2))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     # And the quantization error against the unquantized experts stays small.

@@ -15,10 +15,10 @@ Same contract as ``mixtral.moe.experts_reference``::
 2. ``_gate_up`` (grouped GEMM, grid = blocks x I-tiles): gathers the tokens of a block, multiplies
    by the expert's w1 and w3 tiles (two accumulators, one pass over H), writes silu(g) * u to an
    intermediate of (padded slots, I) in *sorted* order, so step 3 reads contiguous rows.
-3. ``_down`` (grouped GEMM, grid = blocks x H-tiles): multiplies by w2, scales each row by its
-   routing weight, writes the slot's fp32 row to ``(N*K, H)``. The top-k sum is then a plain
-   ``view(N, K, H).sum(1)``: a fixed order, so results are bit-for-bit reproducible (an atomic-add
-   epilogue would not be).
+3. ``_down`` (grouped GEMM, grid = blocks x H-tiles x K-splits): multiplies by w2 (over its split
+   of I), scales each row by its routing weight, writes the slot's fp32 row to ``(splits, N*K, H)``.
+   The split and top-k sums are then one plain reduction: a fixed order, so results are
+   bit-for-bit reproducible (an atomic-add epilogue would not be).
 
 Int8 weight-only (``fused_experts_int8``): ``mixtral.quant``'s int8 format, int8 weights with one
 fp32 scale per output channel, so a checkpoint written by ``mixtral quantize --mode int8`` runs here
@@ -194,24 +194,29 @@ def _gate_up(
 @triton.jit
 def _down(
     h_ptr, w_ptr, scale_ptr, y_ptr, rw_ptr, sorted_ptr, block_expert_ptr,
-    num_slots, H, I, stride_hm, stride_we, stride_wn, stride_se, stride_ym,
+    num_slots, H, I, stride_hm, stride_we, stride_wn, stride_se, stride_ys, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_SCALE: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """y[slot] = routing weight * (h @ w2.T) for one (block, H-tile), fp32, in slot order."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    """y[split, slot] = routing weight * (h @ w2.T) over this split's share of I, for one
+    (block, H-tile, split); fp32, in slot order. Splits are summed on the host side in a fixed
+    order (see ``_run``), never with atomics."""
+    pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if e < 0:
         return
+    k_per_split = tl.cdiv(tl.cdiv(I, tl.num_programs(2)), BLOCK_K) * BLOCK_K
+    k_start = pid_s * k_per_split
+    k_end = tl.minimum(I, k_start + k_per_split)  # a split past the end keeps zeros
     rows, slot, row_ok = _block_rows(sorted_ptr, pid_m, num_slots, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < H
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
-    w_ptrs = w_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + k_start + offs_k[None, :]
+    w_ptrs = w_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + k_start + offs_k[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
-        k_ok = offs_k < I - k0
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k_ok = offs_k < k_end - k0
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
         acc = _mma(a, w, acc, DOT_FP32)
@@ -220,7 +225,7 @@ def _down(
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + e * stride_se + offs_n, mask=n_ok, other=0.0)[None, :]
     acc *= tl.load(rw_ptr + slot, mask=row_ok, other=0.0)[:, None]
-    y_ptrs = y_ptr + slot[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    y_ptrs = y_ptr + pid_s.to(tl.int64) * stride_ys + slot[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])
 
 
@@ -331,14 +336,18 @@ def _run(fmt, x, ids, weights, w13, s13, w2, s2, config: MoeConfig | None) -> to
         s13.stride(0), h.stride(0), TOP_K=K, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
         HAS_SCALE=has_scale, DOT_FP32=_DOT_FP32, num_warps=c.num_warps, num_stages=c.num_stages)
 
-    y = torch.empty(N * K, H, dtype=torch.float32, device=x.device)  # slot order
-    rw = weights.reshape(-1).float().contiguous()
+    # Split-K over I for the down product: at decode its grid is only (2 blocks x H / BLOCK_N), too
+    # few programs to keep every SM streaming weights; splits multiply it. Partial sums in fp32.
     c = cfg_down
-    _down[(blocks, triton.cdiv(H, c.block_n))](
+    y = torch.empty(c.split_k, N * K, H, dtype=torch.float32, device=x.device)  # slot order
+    rw = weights.reshape(-1).float().contiguous()
+    _down[(blocks, triton.cdiv(H, c.block_n), c.split_k)](
         h, w2, s2, y, rw, sorted_slots, block_expert, N * K, H, I, h.stride(0), w2.stride(0), w2.stride(1),
-        s2.stride(0), y.stride(0), BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+        s2.stride(0), y.stride(0), y.stride(1), BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
         HAS_SCALE=has_scale, DOT_FP32=_DOT_FP32, num_warps=c.num_warps, num_stages=c.num_stages)
-    return y.view(N, K, H).sum(dim=1).to(x.dtype)
+    # Splits and top-k choices summed by a plain reduction: a fixed order, so results are
+    # bit-for-bit reproducible (an atomic-add epilogue would not be).
+    return y.view(c.split_k, N, K, H).sum(dim=(0, 2)).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ class MoeConfig(NamedTuple):
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    split_k: int = 1  # the down product only (gate_up's SiLU needs whole sums)
 
 
 # Mixtral-8x7B: E=8, H=4096, I=14336.
