@@ -45,3 +45,12 @@ def test_generate_chat_sampling_is_seeded(tiny_checkpoint, capsys):
 def test_generate_bad_model_path_is_a_clear_error(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_generate_device_cuda_without_a_gpu_is_a_clear_error(tiny_checkpoint, capsys):
+    assert main(["generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--device", "cuda"]) == 2
+    assert "no CUDA GPU is visible" in capsys.readouterr().err
+    # auto picks the CPU here, in fp32
+    assert main(["generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--max-new-tokens", "2",
+                 "--device", "auto"]) == 0

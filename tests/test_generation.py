@@ -21,17 +21,27 @@ def padded_prompts(lengths=(3, 7, 5), vocab=101, seed=0):
     return ids, mask
 
 
+# "static": the fixed-shape cache and decode step that CUDA captures as a graph, run eagerly here.
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
 @pytest.mark.parametrize("window", [None, 4])
-def test_greedy_generate_matches_transformers(window):
+def test_greedy_generate_matches_transformers(window, cache_implementation):
     hm, m = hf_pair(sliding_window=window, pad_token_id=0)
     ids, mask = padded_prompts()
     a = hm.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
                     eos_token_id=None)
-    b = m.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[])
+    b = m.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[],
+                   cache_implementation=cache_implementation)
     assert torch.equal(a, b)
 
 
-def test_greedy_with_eos_and_repetition_penalty_matches_transformers():
+def test_generate_rejects_unknown_cache_implementation():
+    _, m = hf_pair()
+    with pytest.raises(ValueError, match="cache_implementation must be one of"):
+        m.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=2, cache_implementation="offloaded")
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_greedy_with_eos_and_repetition_penalty_matches_transformers(cache_implementation):
     hm, m = hf_pair(pad_token_id=0)
     ids, mask = padded_prompts(seed=3)
     # Pick as EOS a token that the first row emits early, so finished-row padding is exercised.
@@ -40,7 +50,7 @@ def test_greedy_with_eos_and_repetition_penalty_matches_transformers():
     kw = dict(attention_mask=mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0,
               repetition_penalty=1.3, min_new_tokens=1)
     a = hm.generate(ids, do_sample=False, **kw)
-    b = m.generate(ids, **kw)
+    b = m.generate(ids, cache_implementation=cache_implementation, **kw)
     assert torch.equal(a, b)
     row = b[0, ids.shape[1]:].tolist()
     assert eos in row and all(t == 0 for t in row[row.index(eos) + 1:])

@@ -424,6 +424,29 @@ def test_graph_decode_matches_eager_decode():
 
 
 @needs_cuda
+def test_generate_with_static_cache_replays_graphs_on_gpu():
+    """generate(cache_implementation="static"): left padding, EOS, sampling knobs all as in the
+    default path, and a second call of the same shape reuses the kept graph."""
+    from conftest import tiny_kwargs
+
+    from mixtral import MixtralConfig, MixtralForCausalLM
+    from mixtral.kernels import cuda_graph
+
+    torch.manual_seed(0)
+    cuda_graph.clear_graph_decoders()
+    model = MixtralForCausalLM(MixtralConfig(**tiny_kwargs(pad_token_id=0))).to("cuda").eval()
+    ids = torch.randint(1, model.config.vocab_size, (2, 6), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=8, eos_token_id=[], repetition_penalty=1.2)
+    want = model.generate(ids, **kw)
+    assert torch.equal(model.generate(ids, cache_implementation="static", **kw), want)
+    assert len(cuda_graph._DECODERS) == 1
+    assert torch.equal(model.generate(ids, cache_implementation="static", **kw), want)
+    assert len(cuda_graph._DECODERS) == 1
+
+
+@needs_cuda
 def test_int8_graph_decode_matches_eager_decode():
     from conftest import tiny_kwargs
 

@@ -19,20 +19,43 @@ def resolve_model(path: str | None) -> Path:
     return ensure_demo_model()
 
 
-def load_for_cli(path: Path, dtype: str = "float32", quantize: str | None = None):
+def load_for_cli(path: Path, dtype: str | None = "float32", quantize: str | None = None, device: str = "cpu"):
     from . import MixtralForCausalLM, Tokenizer
 
-    model = MixtralForCausalLM.from_pretrained(path, dtype=dtype, quantize=quantize)
+    if dtype is None:  # fp32 on the CPU (its bf16 products are slow there), bf16 on a GPU
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    model = MixtralForCausalLM.from_pretrained(path, dtype=dtype, quantize=quantize, device=device)
     tokenizer = Tokenizer.from_pretrained(path)
     return model, tokenizer
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` is CUDA when a GPU is visible; asking for CUDA without one is an error, not a fallback."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible to torch (torch.cuda.is_available() is False)")
+    return device
+
+
+def decode_cache_for(model) -> str | None:
+    """On CUDA, decode as a captured graph (``cache_implementation="static"``) when the model allows
+    it (Triton installed, bf16/int8 experts); otherwise the default step-by-step decode."""
+    if model.device.type != "cuda":
+        return None
+    from .kernels import triton_available
+    from .kernels.cuda_graph import graph_unsafe_modules
+
+    return "static" if triton_available() and not graph_unsafe_modules(model) else None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .perf import configure_threads
 
     configure_threads(args.threads)
+    device = resolve_device(args.device)
     path = resolve_model(args.model)
-    model, tok = load_for_cli(path, args.dtype, args.quantize)
+    model, tok = load_for_cli(path, args.dtype, args.quantize, device)
     if args.model is None:
         from .demo import DEMO_NOTICE
 
@@ -43,8 +66,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = tok.encode(args.prompt)
     if not ids:
         raise SystemExit("error: the prompt encodes to no tokens")
-    input_ids = torch.tensor([ids])
-    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    input_ids = torch.tensor([ids], device=device)
+    generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
     if args.seed is not None:
         torch.manual_seed(args.seed)
     streamer = TimedStreamer(tok, skip_prompt=True, skip_special_tokens=True)
@@ -52,7 +75,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = model.generate(
         input_ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
         temperature=args.temperature if args.temperature > 0 else 1.0, top_p=args.top_p, top_k=args.top_k,
-        streamer=streamer, generator=generator,
+        streamer=streamer, generator=generator, cache_implementation=decode_cache_for(model),
     )
     elapsed = time.perf_counter() - start
     new = out.shape[1] - input_ids.shape[1]
@@ -95,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text from a prompt, streaming it")
     model_args(g)
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: CUDA when a GPU is visible (bf16, decode as a CUDA graph), else CPU")
+    g.set_defaults(dtype=None)  # per device: float32 on the CPU, bfloat16 on CUDA
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--max-new-tokens", type=int, default=128)

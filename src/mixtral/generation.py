@@ -15,6 +15,8 @@ import torch
 
 from .cache import KVCache
 
+CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")
+
 
 @dataclass
 class SamplingParams:
@@ -108,9 +110,15 @@ def generate(
     pad_token_id: int | None = None,
     streamer=None,
     generator: torch.Generator | None = None,
+    cache_implementation: str | None = None,
     **unused,
 ) -> torch.LongTensor:
-    """Prompt + new tokens as (B, prompt_len + generated). Rows that finish early are padded after EOS."""
+    """Prompt + new tokens as (B, prompt_len + generated). Rows that finish early are padded after EOS.
+
+    ``cache_implementation="static"`` (transformers' spelling) decodes over a fixed-shape cache: on
+    CUDA one captured graph of the compiled step per batch size, kept for later calls
+    (``mixtral.kernels.cuda_graph.static_decoder``); the prompt is still prefilled eagerly.
+    """
     if input_ids is None:
         input_ids = unused.pop("inputs", None)
     if unused:
@@ -123,6 +131,8 @@ def generate(
         max_new_tokens = (max_length if max_length is not None else 20) - L
     if max_new_tokens < 0 or (max_length is not None and max_new_tokens == 0 and L > max_length):
         raise ValueError(f"max_new_tokens/max_length leave no room: prompt has {L} tokens")
+    if cache_implementation not in CACHE_IMPLEMENTATIONS:
+        raise ValueError(f"cache_implementation must be one of {CACHE_IMPLEMENTATIONS}, got {cache_implementation!r}")
     params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty)
     if eos_token_id is None:
         eos = config.eos_token_ids
@@ -145,6 +155,13 @@ def generate(
         streamer.put(input_ids.cpu())
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     logits = prefill(model, input_ids, mask[:, :L] if has_padding else None, cache) if max_new_tokens else None
+    static_step = None
+    if cache_implementation == "static" and max_new_tokens > 1:
+        from .kernels.cuda_graph import static_decoder
+
+        static_cache, static_step = static_decoder(model, B, total)
+        static_cache.load(cache)  # the prompt's keys (and its padding) into the fixed-shape cache
+        del cache
     for step in range(max_new_tokens):
         if step < min_new_tokens and eos:
             logits = logits.clone()
@@ -161,7 +178,10 @@ def generate(
                 out = out[:, : L + step + 1]
                 break
         if step + 1 < max_new_tokens:
-            logits = decode_step(model, tok, mask[:, : L + step + 1] if has_padding else None, cache)
+            if static_step is not None:
+                logits = static_step(tok)
+            else:
+                logits = decode_step(model, tok, mask[:, : L + step + 1] if has_padding else None, cache)
     if streamer is not None:
         streamer.end()
     return out

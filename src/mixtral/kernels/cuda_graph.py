@@ -173,7 +173,8 @@ def compiled_decode_step(backend: str = "inductor"):
 
 
 class GraphDecoder:
-    """One captured decode step for one batch size. ``step(tokens)`` -> next tokens (B,), on device.
+    """One captured decode step for one batch size. ``step(tokens)`` -> next tokens (B,), on device;
+    ``logits`` (B, V) holds the step's logits until the next ``step``.
 
     Capture happens on an empty cache (the warm-up runs write into it), then the cache is reset;
     ``cache.load`` after prefill refills the same tensors, so the graph reads the prompt's keys.
@@ -202,9 +203,9 @@ class GraphDecoder:
 
         step = compiled_decode_step() if compile else decode_step
 
-        def run() -> torch.Tensor:
+        def run() -> tuple[torch.Tensor, torch.Tensor]:
             logits = step(model, cache, self.tokens, self.valid)
-            return sample_on_device(logits, temperature, top_k)
+            return logits, sample_on_device(logits, temperature, top_k)
 
         with torch.inference_mode():
             stream = torch.cuda.Stream()
@@ -216,7 +217,8 @@ class GraphDecoder:
             cache.reset()
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.next_tokens = run()
+                # Both outputs live in the graph's memory: overwritten by the next replay.
+                self.logits, self.next_tokens = run()
             cache.reset()
 
     def step(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -228,6 +230,42 @@ class GraphDecoder:
 
 
 _DECODERS: dict[tuple[int, int, int, float, int | None, bool], GraphDecoder] = {}
+
+
+def clear_graph_decoders() -> None:
+    """Drop every kept graph and static cache (they hold GPU memory, and their model, until then)."""
+    _DECODERS.clear()
+
+
+CAPACITY_STEP = 256  # static caches for generate() are sized in these steps, so graphs get reused
+
+
+def static_decoder(model, batch_size: int, capacity: int):
+    """``generate(cache_implementation="static")``'s decode: (a ``StaticCache`` holding at least
+    ``capacity`` tokens, ``step(tokens (B,)) -> logits (B, V)``), every new token valid.
+
+    On CUDA the step is a captured graph of the compiled step, kept per (model, batch size,
+    capacity rounded up to ``CAPACITY_STEP``) and reused by later calls; its logits are overwritten
+    by the next step. Elsewhere ``decode_step`` runs eagerly: the same numbers, but on the CPU
+    slower than the default path, whose fused decode kernels have no launch overhead to remove.
+    """
+    device = model.device
+    if device.type != "cuda":
+        static = StaticCache(model.config, batch_size, capacity, model.dtype, device)
+        valid = torch.ones(batch_size, dtype=torch.bool, device=device)
+        return static, lambda tokens: decode_step(model, static, tokens, valid)
+    capacity = -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
+    key = (id(model), batch_size, capacity, 0.0, None, True)
+    if key not in _DECODERS:
+        static = StaticCache(model.config, batch_size, capacity, model.dtype, device)
+        _DECODERS[key] = GraphDecoder(model, static, compile=True)
+    decoder = _DECODERS[key]
+
+    def step(tokens: torch.Tensor) -> torch.Tensor:
+        decoder.step(tokens)
+        return decoder.logits
+
+    return decoder.cache, step
 
 
 @torch.inference_mode()
