@@ -2,7 +2,7 @@
 
     python bench/gpu.py                 # everything, ~5 min on an H100/H200; table + JSON
     python bench/gpu.py --quick         # fewer steps and batch sizes (a smoke run)
-    python bench/gpu.py --tune          # also time candidate block sizes for the fused MoE
+    python bench/gpu.py --tune-only     # the ceilings, then candidate block sizes (--tune-budget s)
     python bench/gpu.py --json out.json # write the results ($OUT/gpu_bench.json by default if $OUT is set)
 
 What it does, in one process:
@@ -34,7 +34,7 @@ from mixtral import MixtralConfig, MixtralForCausalLM
 from mixtral.cache import KVCache
 from mixtral.kernels.cuda_graph import GraphDecoder, StaticCache
 from mixtral.kernels.fused_moe import fused_experts, fused_experts_int8, int8_linear
-from mixtral.kernels.moe_configs import MoeConfig
+from mixtral.kernels.moe_configs import MoeConfig, get_config
 from mixtral.quant import quantize_int8, quantize_model
 
 GiB = 1 << 30
@@ -201,23 +201,28 @@ def bench_transformers(layers: int, batch: int, steps: int) -> dict | None:
                 ours_ms_per_layer=ours_sec * 1e3 / layers, speedup=hf_sec / ours_sec)
 
 
-def _best(name: str, candidates, run) -> dict:
-    best = None
-    for c in candidates:
+def _best(name: str, current: MoeConfig, candidates, run, deadline: float) -> dict:
+    """Time ``current`` (the table's entry) first, then candidates until ``deadline``."""
+    timed = {}
+    for c in [current] + [c for c in candidates if c != current]:
+        if c is not current and time.perf_counter() > deadline:
+            break
         try:
-            sec = cuda_time(lambda c=c: run(c), 10)
+            timed[c] = cuda_time(lambda c=c: run(c), 10)
         except Exception as exc:  # e.g. out of shared memory for a large tile
             print(f"  skip {c}: {type(exc).__name__}")
-            continue
-        if best is None or sec < best[0]:
-            best = (sec, c)
-    print(f"tune {name}: {best[1]} {best[0] * 1e6:.1f} us")
-    return dict(case=name, best=best[1]._asdict(), us=best[0] * 1e6)
+    best = min(timed, key=timed.get)
+    print(f"tune {name}: table {timed.get(current, float('nan')) * 1e6:.1f} us, best {best} "
+          f"{timed[best] * 1e6:.1f} us ({len(timed)}/{len(candidates) + 1} tried)")
+    return dict(case=name, table=current._asdict(), table_us=timed.get(current, float("nan")) * 1e6,
+                best=best._asdict(), us=timed[best] * 1e6, tried=len(timed), candidates=len(candidates) + 1)
 
 
-def tune(fmt: str) -> list[dict]:
+def tune(fmt: str, budget_s: float) -> list[dict]:
     """Time candidate block sizes for one layer's experts (and, for int8, the attention
-    projections) in the benchmark's format; prints the best per token count, for moe_configs."""
+    projections) in the benchmark's format, within ``budget_s`` seconds: the table's current
+    entry first, so each row says what tuning would gain. Rows are for ``moe_configs``."""
+    deadline = time.perf_counter() + budget_s
     E, H, I = 8, 4096, 14336
     w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) * 0.02
     w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -227,32 +232,39 @@ def tune(fmt: str) -> list[dict]:
         experts = lambda x, ids, w, c: fused_experts_int8(x, ids, w, q13, s13, q2, s2, config=c)  # noqa: E731
     else:
         experts = lambda x, ids, w, c: fused_experts(x, ids, w, w13, w2, config=c)  # noqa: E731
-    candidates = [MoeConfig(m, n, k, w, s) for m in (16, 32, 64) for n in (32, 64, 128) for k in (64, 128, 256)
-                  for w in (4, 8) for s in (3, 4)]
+    decode = [MoeConfig(16, n, k, w, s) for n in (32, 64, 128) for k in (64, 128, 256) for w in (4, 8)
+              for s in (3, 4)]
+    prefill = [MoeConfig(m, n, k, w, s) for m in (64, 128) for n in (64, 128) for k in (32, 64) for w in (4, 8)
+               for s in (3, 4)]
     rows = []
     for N in (1, 8, 32, 64, 4096):
         x = torch.randn(N, H, device="cuda", dtype=torch.bfloat16)
         ids = torch.rand(N, E, device="cuda").topk(2, dim=-1).indices
         w = torch.full((N, 2), 0.5, device="cuda")
-        fits = [c for c in candidates if (c.block_m == 16) == (N <= 64)]
+        fits = decode if N <= 64 else prefill
         if N <= 8:  # few programs in the down product: try splitting its K (I) two and four ways
-            fits += [c._replace(split_k=sk) for c in fits for sk in (2, 4)]
-        rows.append(_best(f"{fmt} experts N={N}", fits, lambda c, x=x, ids=ids, w=w: experts(x, ids, w, c)))
+            fits = fits + [c._replace(split_k=sk) for c in fits for sk in (2, 4)]
+        # One config for both products when tuning (the table may hold different ones per product).
+        current = get_config("gate_up", fmt, N, 2, E, 2 * I, H)
+        rows.append(_best(f"{fmt} experts N={N}", current, fits,
+                          lambda c, x=x, ids=ids, w=w: experts(x, ids, w, c), deadline))
     if fmt == "int8":
         for out in (6144, 4096):  # q|k|v and o
             q, s = quantize_int8(torch.randn(out, H, device="cuda") * 0.02)
             for N in (1, 8, 64):
                 x = torch.randn(N, H, device="cuda", dtype=torch.bfloat16)
-                fits = [c for c in candidates if c.block_m == 16 or N > 16]
-                rows.append(_best(f"int8 linear {out}x{H} N={N}", fits,
-                                  lambda c, x=x, q=q, s=s: int8_linear(x, q, s, config=c)))
+                current = get_config("linear", "int8", N, 1, 1, out, H)
+                rows.append(_best(f"int8 linear {out}x{H} N={N}", current, decode,
+                                  lambda c, x=x, q=q, s=s: int8_linear(x, q, s, config=c), deadline))
     return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--tune", action="store_true")
+    p.add_argument("--tune", action="store_true", help="also time candidate block sizes (before the rest)")
+    p.add_argument("--tune-only", action="store_true", help="the ceilings and the tuning, nothing else")
+    p.add_argument("--tune-budget", type=float, default=420, help="seconds the tuning may take (default 420)")
     p.add_argument("--format", choices=("auto", "bf16", "int8"), default="auto")
     p.add_argument("--layers", type=int, default=32, help="layers of our full model (32 = Mixtral-8x7B)")
     p.add_argument("--hf-layers", type=int, default=2)
@@ -284,10 +296,12 @@ def main() -> None:
     print(f"{props.name}: copy {bw / 1e9:.0f} GB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s, format {fmt}")
     save()
 
-    if args.tune:
-        results["tune"] = tune(fmt)
+    if args.tune or args.tune_only:
+        results["tune"] = tune(fmt, args.tune_budget)
         torch.cuda.empty_cache()
         save()
+        if args.tune_only:
+            return
 
     with torch.inference_mode():
         if not args.quick:

@@ -160,12 +160,12 @@ def _dequantized_twin(qmodel, config):
     ref.load_state_dict(float_state)
     for layer in ref.model.layers:
         layer.mlp.experts.implementation = "reference"
-    return ref
+    return ref.to(DEVICE)
 
 
 def test_int8_model_runs_the_triton_kernels(monkeypatch):
-    """A model quantized by ``mixtral.quant`` to int8, on the path it takes on CUDA (forced here
-    on the CPU): every attention projection and experts call goes through the Triton int8 kernels,
+    """A model quantized by ``mixtral.quant`` to int8, on the path it takes on CUDA (forced when
+    run on the CPU): every attention projection and experts call goes through the Triton int8 kernels,
     and prefill, cached decode and the CUDA graph's decode step match the dequantized float model."""
     from conftest import tiny_kwargs
 
@@ -175,7 +175,7 @@ def test_int8_model_runs_the_triton_kernels(monkeypatch):
 
     torch.manual_seed(0)
     config = MixtralConfig(**tiny_kwargs())
-    qmodel = quantize_model(MixtralForCausalLM(config, attn_implementation="eager").eval(), "int8")
+    qmodel = quantize_model(MixtralForCausalLM(config, attn_implementation="eager").eval(), "int8").to(DEVICE)
     ref = _dequantized_twin(qmodel, config)
     calls = {"experts": 0, "linear": 0}
 
@@ -189,23 +189,23 @@ def test_int8_model_runs_the_triton_kernels(monkeypatch):
     monkeypatch.setattr(fm, "fused_experts_int8", counting(fm.fused_experts_int8, "experts"))
     monkeypatch.setattr(fm, "int8_linear", counting(fm.int8_linear, "linear"))
 
-    ids = torch.randint(0, config.vocab_size, (2, 5))
+    ids = torch.randint(0, config.vocab_size, (2, 5), device=DEVICE)
     steps, total = 3, 5 + 3
     with torch.inference_mode():
-        cq = KVCache.for_model(config, 2, capacity=total)
-        cr = KVCache.for_model(config, 2, capacity=total)
+        cq = KVCache.for_model(config, 2, capacity=total, device=DEVICE)
+        cr = KVCache.for_model(config, 2, capacity=total, device=DEVICE)
         got = qmodel(input_ids=ids, past_key_values=cq, use_cache=True).logits
         want = ref(input_ids=ids, past_key_values=cr, use_cache=True).logits
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         L = config.num_hidden_layers
         assert calls == {"experts": L, "linear": 2 * L}  # q|k|v and o per layer; lm_head stays float
-        static = StaticCache(config, 2, total, torch.float32, "cpu")
+        static = StaticCache(config, 2, total, torch.float32, DEVICE)
         static.load(cq)
         tok = want[:, -1].argmax(-1)
         for _ in range(steps):
             want = ref(input_ids=tok[:, None], past_key_values=cr, use_cache=True).logits[:, -1]
             got = qmodel(input_ids=tok[:, None], past_key_values=cq, use_cache=True).logits[:, -1]
-            graph_body = decode_step(qmodel, static, tok, torch.ones(2, dtype=torch.bool))
+            graph_body = decode_step(qmodel, static, tok, torch.ones(2, dtype=torch.bool, device=DEVICE))
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(graph_body, want, atol=1e-4, rtol=1e-4)
             tok = want.argmax(-1)
@@ -234,16 +234,17 @@ def test_decode_step_compiles_whole(monkeypatch, fmt):
         layer.mlp.experts.implementation = "triton"
     if fmt == "int8":
         quantize_model(model, "int8")
-    ids = torch.randint(0, config.vocab_size, (2, 5))
-    valid = torch.ones(2, dtype=torch.bool)
+    model.to(DEVICE)
+    ids = torch.randint(0, config.vocab_size, (2, 5), device=DEVICE)
+    valid = torch.ones(2, dtype=torch.bool, device=DEVICE)
     from torch._dynamo.testing import CompileCounterWithBackend
 
     counter = CompileCounterWithBackend("aot_eager")
     step = compiled_decode_step(backend=counter)
     with torch.inference_mode():
-        cache = KVCache.for_model(config, 2, capacity=9)
+        cache = KVCache.for_model(config, 2, capacity=9, device=DEVICE)
         tok = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
-        eager, compiled = (StaticCache(config, 2, 9, torch.float32, "cpu") for _ in range(2))
+        eager, compiled = (StaticCache(config, 2, 9, torch.float32, DEVICE) for _ in range(2))
         eager.load(cache)
         compiled.load(cache)
         for _ in range(3):  # past the window of 4: the rolling buffer wraps

@@ -144,8 +144,10 @@ def _block_rows(sorted_ptr, pid_m, num_slots, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _mma(a, w, acc, DOT_FP32: tl.constexpr):
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), w.to(tl.float32), acc)
+    # fp32 activations get true fp32 products ("ieee"; tl.dot would otherwise round them to TF32's
+    # 10-bit mantissa): fp32 is the accuracy choice on a GPU, bf16 and int8 are the fast ones.
+    if DOT_FP32 or a.dtype == tl.float32:
+        return tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, w.to(a.dtype), acc)
 
 
