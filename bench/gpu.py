@@ -18,7 +18,8 @@ What it does, in one process:
 4. Prefill of 4096 tokens at batch 1: FLOPs of the expert and attention products / time, against
    the measured matmul rate.
 5. transformers' MixtralForCausalLM (its default experts path, bf16, eager decode with its cache)
-   with a reduced layer count beside ours with the same layer count, compared per layer.
+   with a reduced layer count beside ours holding its very weights, compared per layer; the
+   relative error of our prompt logits against its logits checks the GPU path end to end.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 
 from mixtral import MixtralConfig, MixtralForCausalLM
 from mixtral.cache import KVCache
+from mixtral.checkpoint import from_state_dict
 from mixtral.kernels.cuda_graph import GraphDecoder, StaticCache
 from mixtral.kernels.fused_moe import fused_experts, fused_experts_int8, int8_linear
 from mixtral.kernels.moe_configs import MoeConfig, get_config
@@ -169,8 +171,10 @@ def bench_prefill(model, T: int, flops_rate: float) -> dict:
                 pct_matmul=100 * flops / sec / flops_rate)
 
 
-def transformers_step_seconds(layers: int, batch: int, steps: int) -> float | None:
-    """transformers' MixtralForCausalLM (default experts path), bf16, eager decode with its cache."""
+def bench_transformers(layers: int, batch: int, steps: int) -> dict | None:
+    """transformers' MixtralForCausalLM (its default experts path, bf16, eager decode with its
+    cache) and ours holding its very weights (``from_state_dict``), side by side with the same layer
+    count: per-layer decode time, and how far our logits are from its logits on one prompt."""
     try:
         import transformers
     except ImportError:
@@ -178,27 +182,24 @@ def transformers_step_seconds(layers: int, batch: int, steps: int) -> float | No
     hcfg = transformers.MixtralConfig(num_hidden_layers=layers)
     with torch.device("cuda"):
         hm = transformers.MixtralForCausalLM(hcfg).to(torch.bfloat16).eval()
+    ours = from_state_dict(MixtralForCausalLM, hm.state_dict(), MixtralConfig(num_hidden_layers=layers),
+                           dtype=torch.bfloat16, device="cuda")
     ids = torch.randint(0, hcfg.vocab_size, (batch, 128), device="cuda")
     out = hm(input_ids=ids, use_cache=True)
-    state = {"tok": out.logits[:, -1].argmax(-1), "cache": out.past_key_values}
+    want = out.logits[:, -1].float()
+    got = ours(input_ids=ids, logits_to_keep=1).logits[:, -1].float()
+    rel_err = ((got - want).norm() / want.norm()).item()
+    state = {"tok": want.argmax(-1), "cache": out.past_key_values}
 
     def step():
         o = hm(input_ids=state["tok"][:, None], past_key_values=state["cache"], use_cache=True)
         state["tok"] = o.logits[:, -1].argmax(-1)
 
-    return cuda_time(step, steps)
-
-
-def bench_transformers(layers: int, batch: int, steps: int) -> dict | None:
-    """Per-layer decode time: transformers (eager) beside ours (bf16, same layer count, graph)."""
-    hf_sec = transformers_step_seconds(layers, batch, steps)
-    if hf_sec is None:
-        return None
-    torch.cuda.empty_cache()
-    ours = build_model(MixtralConfig(num_hidden_layers=layers), "bf16")
+    hf_sec = cuda_time(step, steps)
     ours_sec = bench_decode(ours, batch, 128, steps, 1.0)["step_ms"] / 1e3
     return dict(layers=layers, batch=batch, hf_ms_per_layer=hf_sec * 1e3 / layers,
-                ours_ms_per_layer=ours_sec * 1e3 / layers, speedup=hf_sec / ours_sec)
+                ours_ms_per_layer=ours_sec * 1e3 / layers, speedup=hf_sec / ours_sec,
+                prompt_logits_rel_err=rel_err)
 
 
 def _best(name: str, current: MoeConfig, candidates, run, deadline: float) -> dict:
@@ -354,6 +355,8 @@ def main() -> None:
     if hf:
         print(f"| transformers ({hf['layers']} layers, bf16, batch 1) | {hf['hf_ms_per_layer']:.3f} ms/layer | "
               f"ours {hf['ours_ms_per_layer']:.3f} ms/layer | {hf['speedup']:.1f}x |")
+        print(f"| our prompt logits vs transformers' (same weights, bf16) | rel. error "
+              f"{hf['prompt_logits_rel_err']:.2e} | | |")
     if path:
         print("wrote", path)
 

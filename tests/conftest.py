@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from mixtral import MixtralConfig, MixtralForCausalLM, MixtralForSequenceClassification, MixtralModel
-from mixtral.checkpoint.hf import hf_rules
-from mixtral.checkpoint.loading import DictSource, materialize
+from mixtral.checkpoint import from_state_dict
 
 transformers = pytest.importorskip("transformers")
 
@@ -46,21 +45,8 @@ def hf_pair(cls=MixtralForCausalLM, seed: int = 0, attn: str = "sdpa", hf_attn: 
 
 
 def from_hf_model(hm, cls, config, attn="sdpa"):
-    state = {k: v.detach().clone() for k, v in hm.state_dict().items()}
-    with torch.device("meta"):
-        m = cls(config, attn_implementation=attn)
-    if cls is MixtralModel:  # a bare model's tensors have no "model." prefix
-        state = {k if k.startswith("model.") else "model." + k: v for k, v in state.items()}
-    rules = hf_rules(config, set(state))
-    if cls is MixtralModel:
-        rules = {k[len("model."):]: v for k, v in rules.items() if k.startswith("model.")}
-    materialize(m, rules, DictSource(state, "hf"), dtype=torch.float32, device="cpu",
-                ignore=lambda k: k == "lm_head.weight")
-    base = m if cls is MixtralModel else m.model
-    base.reset_rotary()
-    if config.tie_word_embeddings and hasattr(m, "lm_head"):
-        m.lm_head.weight = base.embed_tokens.weight
-    return m.eval()
+    return from_state_dict(cls, {k: v.detach().clone() for k, v in hm.state_dict().items()}, config,
+                           attn_implementation=attn)
 
 
 @pytest.fixture(autouse=True)

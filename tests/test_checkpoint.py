@@ -220,3 +220,23 @@ def test_config_json_roundtrip(tmp_path):
     assert again == cfg
     theirs = transformers.MixtralConfig.from_pretrained(tmp_path)
     assert theirs.sliding_window == 16 and theirs.num_local_experts == cfg.num_local_experts
+
+
+def test_from_state_dict_checks_every_tensor():
+    """A transformers state dict in memory loads like files do: renamed, and refused when wrong."""
+    from mixtral.checkpoint import from_state_dict
+
+    hm, _ = hf_pair()
+    config = MixtralConfig(**tiny_kwargs())
+    state = {k: v.detach().clone() for k, v in hm.state_dict().items()}
+    bad = dict(state)
+    bad["model.layers.1.self_attn.k_proj.weight"] = bad["model.layers.1.self_attn.k_proj.weight"][:-1]
+    with pytest.raises(CheckpointError, match=r"k_proj.weight in state dict.*does not fit"):
+        from_state_dict(MixtralForCausalLM, bad, config)
+    missing = {k: v for k, v in state.items() if k != "model.layers.0.mlp.experts.down_proj"}
+    with pytest.raises(CheckpointError, match=r"state dict: missing tensors .*layers.0.mlp.experts.down_proj"):
+        from_state_dict(MixtralForCausalLM, missing, config)
+    with pytest.raises(CheckpointError, match="unexpected tensors.*stray"):
+        from_state_dict(MixtralForCausalLM, state | {"stray": torch.zeros(1)}, config)
+    loaded = from_state_dict(MixtralForCausalLM, state, config)
+    logits_equal(hm, loaded, torch.randint(0, 101, (2, 5)))

@@ -18,7 +18,7 @@ import torch
 
 from .loading import CheckpointError, materialize, parse_dtype
 
-__all__ = ["CheckpointError", "load_pretrained", "resolve_path", "read_checkpoint"]
+__all__ = ["CheckpointError", "from_state_dict", "load_pretrained", "resolve_path", "read_checkpoint"]
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -87,13 +87,44 @@ def load_pretrained(
     config: Any = None,
     progress: bool | None = None,
 ):
-    from ..model import MixtralModel
-
     path = resolve_path(path)
     ckpt_config, source, rules = read_checkpoint(path)
     config = config or ckpt_config
     if dtype == "auto":
         dtype = config.torch_dtype or torch.float32
+    return build_model(cls, config, source, rules, origin=str(path), dtype=dtype, device=device,
+                       attn_implementation=attn_implementation, quantize=quantize, progress=progress)
+
+
+def from_state_dict(
+    cls,
+    state_dict: dict[str, torch.Tensor],
+    config: Any,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+    attn_implementation: str = "sdpa",
+):
+    """A model of ``cls`` holding a transformers Mixtral state dict's tensors (hub per-expert or v5
+    fused names), loaded as ``from_pretrained`` loads files: every tensor checked and renamed
+    through ``hf.hf_rules``. E.g. ``from_state_dict(MixtralForCausalLM, hf_model.state_dict(),
+    config)`` gives our model with transformers' very weights."""
+    from ..model import MixtralModel
+    from .hf import hf_rules
+    from .loading import DictSource
+
+    state = dict(state_dict)
+    if cls is MixtralModel:  # a bare transformers model's tensors carry no "model." prefix
+        state = {k if k.startswith("model.") else "model." + k: v for k, v in state.items()}
+    return build_model(cls, config, DictSource(state, "state dict"), hf_rules(config, set(state)),
+                       origin="state dict", dtype=dtype, device=device, attn_implementation=attn_implementation)
+
+
+def build_model(cls, config, source, rules, *, origin: str, dtype, device, attn_implementation: str = "sdpa",
+                quantize: str | None = None, progress: bool | None = None):
+    """Construct ``cls`` on meta and fill it from ``source`` through ``rules`` (see ``materialize``)."""
+    from ..model import MixtralModel
+
     dtype = parse_dtype(dtype)
     with torch.device("meta"):
         model = cls(config, attn_implementation=attn_implementation)
@@ -115,7 +146,7 @@ def load_pretrained(
         progress=progress,
     )
     if fresh:
-        warnings.warn(f"{path}: {', '.join(fresh)} not in the checkpoint; initialized randomly", stacklevel=3)
+        warnings.warn(f"{origin}: {', '.join(fresh)} not in the checkpoint; initialized randomly", stacklevel=4)
     base = model if bare else model.model
     base.reset_rotary(device)
     if config.tie_word_embeddings and not bare and isinstance(getattr(model, "lm_head", None), torch.nn.Linear):
