@@ -35,9 +35,9 @@ from mixtral import MixtralConfig, MixtralForCausalLM
 from mixtral.cache import KVCache
 from mixtral.checkpoint import from_state_dict
 from mixtral.kernels.cuda_graph import GraphDecoder, StaticCache
-from mixtral.kernels.fused_moe import fused_experts, fused_experts_int8, int8_linear
+from mixtral.kernels.fused_moe import fused_experts, fused_experts_quantized, quantized_linear
 from mixtral.kernels.moe_configs import MoeConfig, get_config
-from mixtral.quant import quantize_int8, quantize_model
+from mixtral.quant import quantize_int4, quantize_int8, quantize_model
 
 GiB = 1 << 30
 
@@ -73,22 +73,28 @@ def matmul_rate(n: int = 8192) -> float:
 def build_model(config: MixtralConfig, fmt: str, device: str = "cuda") -> MixtralForCausalLM:
     """Random Mixtral on the device, nothing on the host: meta construction, then fill in place.
 
-    int8 is ``mixtral.quant``'s format, made by its own ``quantize_model`` (which runs on meta
-    tensors too): attention and experts int8 with fp32 per-row scales; router, norms, embeddings
-    and lm_head bf16 -- exactly what loading a ``mixtral quantize --mode int8`` checkpoint gives."""
+    int8/int4 are ``mixtral.quant``'s formats, made by its own ``quantize_model`` (which runs on
+    meta tensors too): attention and experts quantized (int8 with fp32 per-row scales, int4 with
+    fp16 scales and mins per group of 32); router, norms, embeddings and lm_head bf16 -- exactly
+    what loading a ``mixtral quantize`` checkpoint gives."""
     with torch.device("meta"):
         model = MixtralForCausalLM(config)
         for param in model.parameters():  # bf16 before allocating (fp32 Mixtral would be 187 GB)
             param.data = param.data.to(torch.bfloat16)
-        if fmt == "int8":
-            quantize_model(model, "int8")
+        if fmt != "bf16":
+            quantize_model(model, fmt)
     model = model.to_empty(device=device)
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if t.dtype == torch.int8:
                 t.random_(-127, 128)
+            elif t.dtype == torch.uint8:  # int4: two uniform nibbles a byte
+                t.random_(0, 256)
             elif name.endswith(".scales"):
-                t.fill_(0.02 / 73.3)  # uniform int8 has std ~73.3: weights of std ~0.02
+                # Weights of std ~0.02: uniform int8 has std ~73.3, a uniform nibble ~4.6 (min -7.5 scales).
+                t.fill_(0.02 / 73.3 if t.dtype == torch.float32 else 0.02 / 4.6)
+            elif name.endswith(".mins"):
+                t.fill_(-7.5 * 0.02 / 4.6)
             elif "norm" in name:
                 t.fill_(1.0)
             else:
@@ -227,12 +233,13 @@ def tune(fmt: str, budget_s: float) -> list[dict]:
     E, H, I = 8, 4096, 14336
     w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) * 0.02
     w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) * 0.02
-    if fmt == "int8":
-        (q13, s13), (q2, s2) = quantize_int8(w13), quantize_int8(w2)
-        del w13, w2
-        experts = lambda x, ids, w, c: fused_experts_int8(x, ids, w, q13, s13, q2, s2, config=c)  # noqa: E731
-    else:
+    if fmt == "bf16":
         experts = lambda x, ids, w, c: fused_experts(x, ids, w, w13, w2, config=c)  # noqa: E731
+    else:
+        quantize = quantize_int8 if fmt == "int8" else lambda t: quantize_int4(t, 32)
+        up, down = quantize(w13), quantize(w2)
+        del w13, w2
+        experts = lambda x, ids, w, c: fused_experts_quantized(x, ids, w, up, down, config=c)  # noqa: E731
     decode = [MoeConfig(16, n, k, w, s) for n in (32, 64, 128) for k in (64, 128, 256) for w in (4, 8)
               for s in (3, 4)]
     prefill = [MoeConfig(m, n, k, w, s) for m in (64, 128) for n in (64, 128) for k in (32, 64) for w in (4, 8)
@@ -249,14 +256,14 @@ def tune(fmt: str, budget_s: float) -> list[dict]:
         current = get_config("gate_up", fmt, N, 2, E, 2 * I, H)
         rows.append(_best(f"{fmt} experts N={N}", current, fits,
                           lambda c, x=x, ids=ids, w=w: experts(x, ids, w, c), deadline))
-    if fmt == "int8":
+    if fmt != "bf16":
         for out in (6144, 4096):  # q|k|v and o
-            q, s = quantize_int8(torch.randn(out, H, device="cuda") * 0.02)
+            stored = quantize(torch.randn(out, H, device="cuda") * 0.02)
             for N in (1, 8, 64):
                 x = torch.randn(N, H, device="cuda", dtype=torch.bfloat16)
-                current = get_config("linear", "int8", N, 1, 1, out, H)
-                rows.append(_best(f"int8 linear {out}x{H} N={N}", current, decode,
-                                  lambda c, x=x, q=q, s=s: int8_linear(x, q, s, config=c), deadline))
+                current = get_config("linear", fmt, N, 1, 1, out, H)
+                rows.append(_best(f"{fmt} linear {out}x{H} N={N}", current, decode,
+                                  lambda c, x=x, w=stored: quantized_linear(x, w, config=c), deadline))
     return rows
 
 
@@ -266,7 +273,8 @@ def main() -> None:
     p.add_argument("--tune", action="store_true", help="also time candidate block sizes (before the rest)")
     p.add_argument("--tune-only", action="store_true", help="the ceilings and the tuning, nothing else")
     p.add_argument("--tune-budget", type=float, default=420, help="seconds the tuning may take (default 420)")
-    p.add_argument("--format", choices=("auto", "bf16", "int8"), default="auto")
+    p.add_argument("--format", choices=("auto", "bf16", "int8", "int4"), default="auto",
+                   help="auto: bf16 where the card holds 93 GB (H200), else int8 (mixtral.quant's formats)")
     p.add_argument("--layers", type=int, default=32, help="layers of our full model (32 = Mixtral-8x7B)")
     p.add_argument("--hf-layers", type=int, default=2)
     p.add_argument("--no-compile", action="store_true", help="capture the eager decode step only")

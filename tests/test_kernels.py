@@ -28,15 +28,23 @@ from mixtral.kernels.attention import attention  # noqa: E402
 from mixtral.kernels.cuda_graph import StaticCache, decode_step, graph_unsafe_modules  # noqa: E402
 from mixtral.kernels.fused_moe import (  # noqa: E402
     fused_experts,
-    fused_experts_int8,
-    int8_linear,
+    fused_experts_quantized,
     moe_align,
     moe_align_reference,
+    quantized_linear,
 )
 from mixtral.kernels.moe_configs import MoeConfig, get_config, tokens_bucket  # noqa: E402
 from mixtral.model import build_mask, eager_attention  # noqa: E402
 from mixtral.moe import Experts, experts_reference  # noqa: E402
-from mixtral.quant import QuantExperts, QuantLinear, dequantize_int8, quantize_int8, quantize_model  # noqa: E402
+from mixtral.quant import (  # noqa: E402
+    QuantExperts,
+    QuantLinear,
+    dequantize_int4,
+    dequantize_int8,
+    quantize_int4,
+    quantize_int8,
+    quantize_model,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -116,7 +124,7 @@ def test_int8_experts_match_dequantized_reference(N, E, K, config):
     x = x[:N]
     (q13, s13), (q2, s2) = quantize_int8(w13), quantize_int8(w2)
     ids, weights = routing(N, E, K)
-    got = fused_experts_int8(x, ids, weights, q13, s13, q2, s2, config=config)
+    got = fused_experts_quantized(x, ids, weights, [q13, s13], [q2, s2], config=config)
     want = experts_reference(x, ids, weights, dequantize_int8(q13, s13), dequantize_int8(q2, s2))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     # And the quantization error against the unquantized experts stays small.
@@ -124,33 +132,59 @@ def test_int8_experts_match_dequantized_reference(N, E, K, config):
     assert (got - exact).abs().max() < 0.05 * exact.abs().max()
 
 
-@pytest.mark.parametrize("M,N,K", [(1, 40, 48), (3, 97, 48), (33, 40, 80)])
-def test_int8_linear_matches_dequantized_product(M, N, K):
+# int4 packs blocks of 32 inputs: H=96 is one pair of blocks then a block alone, I=64 one pair.
+H4, I4 = 96, 64
+
+
+@pytest.mark.parametrize("N,E,K,g_up,g_down,config", [(1, 8, 2, 32, 64, SMALL), (33, 4, 4, 96, 32, SMALL),
+                                                       (3, 8, 1, 32, 32, SPLIT)])
+def test_int4_experts_match_dequantized_reference(N, E, K, g_up, g_down, config):
+    g = torch.Generator().manual_seed(N)
+    w13 = torch.randn(E, 2 * I4, H4, generator=g) * H4**-0.5
+    w2 = torch.randn(E, H4, I4, generator=g) * I4**-0.5
+    x = torch.randn(N, H4, generator=g).to(DEVICE)
+    up, down = quantize_int4(w13, g_up), quantize_int4(w2, g_down)
+    assert up[1].shape[-1] == H4 // g_up and down[1].shape[-1] == I4 // g_down  # the group sizes asked for
+    ids, weights = routing(N, E, K)
+    got = fused_experts_quantized(x, ids, weights, [t.to(DEVICE) for t in up], [t.to(DEVICE) for t in down],
+                                  config=config)
+    want = experts_reference(x, ids, weights, dequantize_int4(*up).to(DEVICE), dequantize_int4(*down).to(DEVICE))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt,M,N,K", [("int8", 1, 40, 48), ("int8", 3, 97, 48), ("int8", 33, 40, 80),
+                                       ("int4", 1, 40, 96), ("int4", 3, 97, 128), ("int4", 33, 40, 32)])
+def test_quantized_linear_matches_dequantized_product(fmt, M, N, K):
     g = torch.Generator().manual_seed(M)
-    q, s = quantize_int8(torch.randn(N, K, generator=g))
+    w = torch.randn(N, K, generator=g)
+    stored = quantize_int8(w) if fmt == "int8" else quantize_int4(w, 32)
+    dense = dequantize_int8(*stored) if fmt == "int8" else dequantize_int4(*stored)
     x = torch.randn(M, K, generator=g)
-    got = int8_linear(x.to(DEVICE), q.to(DEVICE), s.to(DEVICE), config=SMALL)
+    got = quantized_linear(x.to(DEVICE), [t.to(DEVICE) for t in stored], config=SMALL)
     assert got.shape == (M, N) and got.dtype == x.dtype
-    torch.testing.assert_close(got.cpu(), x @ dequantize_int8(q, s).t(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.cpu(), x @ dense.t(), atol=1e-4, rtol=1e-4)
 
 
-def test_int8_kernels_refuse_misshaped_scales():
+def test_quantized_kernels_refuse_misshaped_scales():
     x, w13, w2 = expert_weights(4)
     (q13, s13), (q2, s2) = quantize_int8(w13), quantize_int8(w2)
     ids, weights = routing(3, 4, 2)
     with pytest.raises(ValueError, match="one per output channel"):
-        fused_experts_int8(x[:3], ids, weights, q13, s13[:, :-1], q2, s2)
-    with pytest.raises(ValueError, match="int8_linear"):
-        int8_linear(x[:3], q2[0], s2[0, :-1])
+        fused_experts_quantized(x[:3], ids, weights, [q13, s13[:, :-1]], [q2, s2], config=SMALL)
+    with pytest.raises(ValueError, match="quantized_linear"):
+        quantized_linear(x[:3], [q2[0], s2[0, :-1]], config=SMALL)
+    q4, sc4, mn4 = quantize_int4(torch.randn(40, 96), 32)
+    with pytest.raises(ValueError, match="needs scales and mins"):
+        quantized_linear(torch.randn(2, 96).to(DEVICE), [q4, sc4, mn4[:, :-1]], config=SMALL)
 
 
 def _dequantized_twin(qmodel, config):
-    """A float model holding the int8 model's dequantized weights, experts on the reference path:
-    the definition the Triton int8 kernels must reproduce."""
+    """A float model holding the quantized model's dequantized weights, experts on the reference
+    path: the definition the Triton kernels must reproduce."""
     from mixtral import MixtralForCausalLM
 
     ref = MixtralForCausalLM(config, attn_implementation="eager").eval()
-    float_state = {k: v for k, v in qmodel.state_dict().items() if ".qweight" not in k and ".scales" not in k}
+    float_state = {k: v for k, v in qmodel.state_dict().items() if not k.endswith((".qweight", ".scales", ".mins"))}
     for name, m in qmodel.named_modules():
         if isinstance(m, QuantLinear):
             float_state[f"{name}.weight"] = m.weight_q.dequantize()
@@ -163,10 +197,11 @@ def _dequantized_twin(qmodel, config):
     return ref.to(DEVICE)
 
 
-def test_int8_model_runs_the_triton_kernels(monkeypatch):
-    """A model quantized by ``mixtral.quant`` to int8, on the path it takes on CUDA (forced when
-    run on the CPU): every attention projection and experts call goes through the Triton int8 kernels,
-    and prefill, cached decode and the CUDA graph's decode step match the dequantized float model."""
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_model_runs_the_triton_kernels(monkeypatch, mode):
+    """A model quantized by ``mixtral.quant``, on the path it takes on CUDA (forced when run on the
+    CPU): every attention projection and experts call goes through the Triton kernels, and prefill,
+    cached decode and the CUDA graph's decode step match the dequantized float model."""
     from conftest import tiny_kwargs
 
     import mixtral.kernels.fused_moe as fm
@@ -175,7 +210,7 @@ def test_int8_model_runs_the_triton_kernels(monkeypatch):
 
     torch.manual_seed(0)
     config = MixtralConfig(**tiny_kwargs())
-    qmodel = quantize_model(MixtralForCausalLM(config, attn_implementation="eager").eval(), "int8").to(DEVICE)
+    qmodel = quantize_model(MixtralForCausalLM(config, attn_implementation="eager").eval(), mode).to(DEVICE)
     ref = _dequantized_twin(qmodel, config)
     calls = {"experts": 0, "linear": 0}
 
@@ -185,9 +220,9 @@ def test_int8_model_runs_the_triton_kernels(monkeypatch):
             return fn(*a, **k)
         return wrapped
 
-    monkeypatch.setattr(quant, "triton_int8_applies", lambda x, w: w.bits == 8 and not torch.is_grad_enabled())
-    monkeypatch.setattr(fm, "fused_experts_int8", counting(fm.fused_experts_int8, "experts"))
-    monkeypatch.setattr(fm, "int8_linear", counting(fm.int8_linear, "linear"))
+    monkeypatch.setattr(quant, "triton_applies", lambda x: not torch.is_grad_enabled())
+    monkeypatch.setattr(fm, "fused_experts_quantized", counting(fm.fused_experts_quantized, "experts"))
+    monkeypatch.setattr(fm, "quantized_linear", counting(fm.quantized_linear, "linear"))
 
     ids = torch.randint(0, config.vocab_size, (2, 5), device=DEVICE)
     steps, total = 3, 5 + 3
@@ -212,7 +247,7 @@ def test_int8_model_runs_the_triton_kernels(monkeypatch):
     assert calls["experts"] == L * (1 + 2 * steps)
 
 
-@pytest.mark.parametrize("fmt", ["float", "int8"])
+@pytest.mark.parametrize("fmt", ["float", "int8", "int4"])
 def test_decode_step_compiles_whole(monkeypatch, fmt):
     """The layer step GraphDecoder captures traces as one graph (``fullgraph``: any break raises) on
     the branches CUDA takes -- Triton experts, int8 kernels as torch ops, no CPU-kernel calls --
@@ -226,14 +261,14 @@ def test_decode_step_compiles_whole(monkeypatch, fmt):
     from mixtral.kernels.cuda_graph import compiled_decode_step
 
     torch._dynamo.reset()
-    monkeypatch.setattr(quant, "triton_int8_applies", lambda x, w: w.bits == 8 and not torch.is_grad_enabled())
+    monkeypatch.setattr(quant, "triton_applies", lambda x: not torch.is_grad_enabled())
     torch.manual_seed(0)
     config = MixtralConfig(**tiny_kwargs(sliding_window=4))
     model = MixtralForCausalLM(config).eval()
     for layer in model.model.layers:
         layer.mlp.experts.implementation = "triton"
-    if fmt == "int8":
-        quantize_model(model, "int8")
+    if fmt != "float":
+        quantize_model(model, fmt)
     model.to(DEVICE)
     ids = torch.randint(0, config.vocab_size, (2, 5), device=DEVICE)
     valid = torch.ones(2, dtype=torch.bool, device=DEVICE)
@@ -268,8 +303,10 @@ def test_graph_capture_refuses_modules_that_sync():
     assert graph_unsafe_modules(model) == [
         "model.layers.1.mlp.experts: implementation 'grouped' (use 'auto' or 'triton')"]
     assert graph_unsafe_modules(quantize_model(MixtralForCausalLM(config), "int8")) == []
-    int4 = graph_unsafe_modules(quantize_model(MixtralForCausalLM(config), "int4"))
-    assert len(int4) == config.num_hidden_layers and "int4 experts have no Triton kernel" in int4[0]
+    assert graph_unsafe_modules(quantize_model(MixtralForCausalLM(config), "int4")) == []
+    gelu = MixtralConfig(**tiny_kwargs(hidden_act="gelu"))
+    problems = graph_unsafe_modules(quantize_model(MixtralForCausalLM(gelu), "int4"))
+    assert len(problems) == gelu.num_hidden_layers and "SiLU experts only" in problems[0]
 
 
 def test_experts_module_runs_triton_implementation():
@@ -368,10 +405,11 @@ def test_static_decode_step_matches_model(window):
             tok = want.argmax(-1)
 
 
-def test_gpu_bench_builds_the_int8_model_it_measures():
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_gpu_bench_builds_the_quantized_model_it_measures(fmt):
     """bench/gpu.py's model builder (meta construction, ``quantize_model``, fill in place) on the
-    CPU with a tiny config: int8 where ``mixtral quantize`` puts it, nothing left on meta, and the
-    byte count its roofline uses equals the int8 experts' size."""
+    CPU with a tiny config: quantized where ``mixtral quantize`` puts it, nothing left on meta, the
+    byte count its roofline uses equal to the quantized experts' size, and finite logits."""
     import importlib.util
     from pathlib import Path
 
@@ -383,18 +421,22 @@ def test_gpu_bench_builds_the_int8_model_it_measures():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     config = MixtralConfig(**tiny_kwargs())
-    model = bench.build_model(config, "int8", device="cpu")
+    model = bench.build_model(config, fmt, device="cpu")
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     assert all(t.device.type == "cpu" for t in tensors.values())
-    assert tensors["model.layers.0.mlp.experts.gate_up_q.qweight"].dtype == torch.int8
-    assert tensors["model.layers.0.self_attn.qkv_proj.weight_q.qweight"].dtype == torch.int8
+    stored = torch.int8 if fmt == "int8" else torch.uint8
+    assert tensors["model.layers.0.mlp.experts.gate_up_q.qweight"].dtype == stored
+    assert tensors["model.layers.0.self_attn.qkv_proj.weight_q.qweight"].dtype == stored
     assert tensors["lm_head.weight"].dtype == torch.bfloat16
     per_expert, _ = bench.weight_bytes(model)
     H, I = config.hidden_size, config.intermediate_size
-    assert per_expert == 3 * H * I + 4 * (2 * I + H)  # int8 weights + fp32 scales of one expert
+    if fmt == "int8":  # int8 weights + fp32 scale per row
+        assert per_expert == 3 * H * I + 4 * (2 * I + H)
+    else:  # nibbles + fp16 scale and min per 32 inputs
+        assert per_expert == 3 * H * I // 2 + 2 * 2 * (3 * H * I // 32)
     with torch.inference_mode():
         logits = model(torch.randint(0, config.vocab_size, (1, 3))).logits
-    assert torch.isfinite(logits).all()
+    assert torch.isfinite(logits).all() and logits.float().std() > 0
 
 
 # --- GPU only ---------------------------------------------------------------------------------

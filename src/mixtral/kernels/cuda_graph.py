@@ -145,11 +145,8 @@ def graph_unsafe_modules(model) -> list[str]:
                 problems.append(f"{name}: the Triton kernel implements SiLU experts only")
             elif m.implementation not in ("auto", "triton"):
                 problems.append(f"{name}: implementation {m.implementation!r} (use 'auto' or 'triton')")
-        elif isinstance(m, QuantExperts):
-            if m.gate_up_q.bits != 8:
-                problems.append(f"{name}: int{m.gate_up_q.bits} experts have no Triton kernel (int8 and bf16 do)")
-            elif m.act is not F.silu:
-                problems.append(f"{name}: the Triton kernel implements SiLU experts only")
+        elif isinstance(m, QuantExperts) and m.act is not F.silu:
+            problems.append(f"{name}: the Triton kernel implements SiLU experts only")
     return problems
 
 

@@ -20,13 +20,14 @@ Same contract as ``mixtral.moe.experts_reference``::
    The split and top-k sums are then one plain reduction: a fixed order, so results are
    bit-for-bit reproducible (an atomic-add epilogue would not be).
 
-Int8 weight-only (``fused_experts_int8``): ``mixtral.quant``'s int8 format, int8 weights with one
-fp32 scale per output channel, so a checkpoint written by ``mixtral quantize --mode int8`` runs here
-as stored. The same two kernels take a ``HAS_SCALE`` flag: the int8 tile is converted to the
-activation dtype inside the loop (exact: |q| <= 127 fits bf16's mantissa) and the scale is applied
-once to the accumulator (a per-output-channel scale factors out of the sum over K).
-``int8_linear`` is the same loop for a plain int8 ``Linear`` (the attention projections), used for
-few rows; many rows dequantize and use cuBLAS.
+Quantized weights (``fused_experts_quantized``): ``mixtral.quant``'s int8 and int4 formats read as
+stored, so a model quantized by ``quantize_model`` or loaded from a ``mixtral quantize`` checkpoint
+runs here without conversion. The same kernels take the format as a constexpr (``WFMT``): int8 tiles
+are converted to the activation dtype in the loop (exact: |q| <= 127 fits bf16's mantissa) and the
+per-output-row scale is applied once to the accumulator (it factors out of the sum over K); int4
+tiles are unpacked and dequantized in the loop (layout version 2; the scale and min change every G
+inputs). ``quantized_linear`` is the same loop for a plain ``Linear`` (the attention projections),
+used for few rows; many rows dequantize and use cuBLAS.
 
 Performance notes (not yet measured, see docs/kernels.md): decode is memory bound, so the kernels
 are judged by bytes moved; a decode block holds one real row in 16 (tl.dot's minimum), which
@@ -36,6 +37,7 @@ wastes tensor-core work that is free in that regime. Block sizes live in ``moe_c
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -133,8 +135,14 @@ def moe_align_reference(ids: torch.Tensor, num_experts: int, block_m: int):
 
 
 # ---------------------------------------------------------------------------------------------
-# 2-3. Grouped GEMMs (bf16 or int8 weights), and a plain int8 Linear.
+# 2-3. Grouped GEMMs over float, int8 or int4 weights, and a plain quantized Linear.
 # ---------------------------------------------------------------------------------------------
+# Weight formats (WFMT): 0 float as stored; 1 int8, one scale per output row (applied to the
+# accumulator after the K loop); 2 int4 in mixtral.quant's layout version 2, dequantized in the
+# tile (its scale and min change along K every G inputs, so they cannot be factored out).
+W_FLOAT, W_INT8, W_INT4 = 0, 1, 2
+
+
 @triton.jit
 def _block_rows(sorted_ptr, pid_m, num_slots, BLOCK_M: tl.constexpr):
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # positions in sorted order
@@ -152,14 +160,43 @@ def _mma(a, w, acc, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
+def _weight_tile(w_ptr, s_ptr, m_ptr, n, n_ok, k, k_ok, stride_wn, stride_sn, K, G, WFMT: tl.constexpr):
+    """The (BK, BN) tile of weight rows ``n`` (BN,) at inputs ``k`` (BK,): as stored (float, int8),
+    or dequantized to fp32 (int4). Pointers are already at the expert's base."""
+    mask = k_ok[:, None] & n_ok[None, :]
+    n = n.to(tl.int64)
+    if WFMT == 2:
+        # Layout v2: inputs 64p + j and 64p + 32 + j share byte 32p + j (low, high nibble); a last
+        # odd block of 32 stands alone, its inputs j and j + 16 sharing a byte.
+        paired = (K // 64) * 64
+        in_pair = k < paired
+        byte = tl.where(in_pair, (k // 64) * 32 + k % 32, paired // 2 + (k - paired) % 16)
+        shift = tl.where(in_pair, ((k // 32) % 2) * 4, ((k - paired) // 16) * 4)
+        q = tl.load(w_ptr + n[None, :] * stride_wn + byte[:, None], mask=mask, other=0).to(tl.int32)
+        nibble = ((q >> shift[:, None]) & 0xF).to(tl.float32)
+        group = k // G
+        sc = tl.load(s_ptr + n[None, :] * stride_sn + group[:, None], mask=mask, other=0.0).to(tl.float32)
+        mn = tl.load(m_ptr + n[None, :] * stride_sn + group[:, None], mask=mask, other=0.0).to(tl.float32)
+        return nibble * sc + mn
+    return tl.load(w_ptr + n[None, :] * stride_wn + k[:, None], mask=mask, other=0)
+
+
+@triton.jit
+def _row_scale(acc, s_ptr, n, n_ok, stride_sn, WFMT: tl.constexpr):
+    """int8: the per-output-row scale, applied once after the sum over K (it factors out)."""
+    if WFMT == 1:
+        acc *= tl.load(s_ptr + n.to(tl.int64) * stride_sn, mask=n_ok, other=0.0)[None, :]
+    return acc
+
+
+@triton.jit
 def _gate_up(
-    x_ptr, w_ptr, scale_ptr, h_ptr, sorted_ptr, block_expert_ptr,
-    num_slots, I, H, stride_xm, stride_we, stride_wn, stride_se, stride_hm,
+    x_ptr, w_ptr, s_ptr, m_ptr, h_ptr, sorted_ptr, block_expert_ptr,
+    num_slots, I, H, G, stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_SCALE: tl.constexpr, DOT_FP32: tl.constexpr,
+    WFMT: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """h[sorted row] = silu(x @ w1.T) * (x @ w3.T) for one (block, I-tile). With ``HAS_SCALE`` the
-    weights are int8 and ``scale_ptr`` holds one scale per output channel (E, 2I)."""
+    """h[sorted row] = silu(x @ w1.T) * (x @ w3.T) for one (block, I-tile); w1 rows then w3 rows."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if e < 0:
@@ -169,25 +206,21 @@ def _gate_up(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)
+    w_e, s_e, m_e = w_ptr + e * stride_we, s_ptr + e * stride_se, m_ptr + e * stride_se
     a_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :]
-    g_ptrs = w_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # (BK, BN)
-    u_ptrs = g_ptrs + I * stride_wn
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
-        k_ok = offs_k < H - k0
+        k = k0 + offs_k
+        k_ok = k < H
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-        u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+        g = _weight_tile(w_e, s_e, m_e, offs_n, n_ok, k, k_ok, stride_wn, stride_sn, H, G, WFMT)
+        u = _weight_tile(w_e, s_e, m_e, offs_n + I, n_ok, k, k_ok, stride_wn, stride_sn, H, G, WFMT)
         acc_g = _mma(a, g, acc_g, DOT_FP32)
         acc_u = _mma(a, u, acc_u, DOT_FP32)
         a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
-    if HAS_SCALE:  # a per-output-channel scale factors out of the sum over H: apply it once
-        s_ptrs = scale_ptr + e * stride_se + offs_n
-        acc_g *= tl.load(s_ptrs, mask=n_ok, other=0.0)[None, :]
-        acc_u *= tl.load(s_ptrs + I, mask=n_ok, other=0.0)[None, :]
+    acc_g = _row_scale(acc_g, s_e, offs_n, n_ok, stride_sn, WFMT)
+    acc_u = _row_scale(acc_u, s_e, offs_n + I, n_ok, stride_sn, WFMT)
     h = acc_g * tl.sigmoid(acc_g) * acc_u
     h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
@@ -195,10 +228,10 @@ def _gate_up(
 
 @triton.jit
 def _down(
-    h_ptr, w_ptr, scale_ptr, y_ptr, rw_ptr, sorted_ptr, block_expert_ptr,
-    num_slots, H, I, stride_hm, stride_we, stride_wn, stride_se, stride_ys, stride_ym,
+    h_ptr, w_ptr, s_ptr, m_ptr, y_ptr, rw_ptr, sorted_ptr, block_expert_ptr,
+    num_slots, H, I, G, stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_ys, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_SCALE: tl.constexpr, DOT_FP32: tl.constexpr,
+    WFMT: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """y[split, slot] = routing weight * (h @ w2.T) over this split's share of I, for one
     (block, H-tile, split); fp32, in slot order. Splits are summed on the host side in a fixed
@@ -214,45 +247,44 @@ def _down(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < H
     offs_k = tl.arange(0, BLOCK_K)
+    w_e, s_e, m_e = w_ptr + e * stride_we, s_ptr + e * stride_se, m_ptr + e * stride_se
     a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + k_start + offs_k[None, :]
-    w_ptrs = w_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + k_start + offs_k[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        k_ok = offs_k < k_end - k0
+        k = k0 + offs_k
+        k_ok = k < k_end
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+        w = _weight_tile(w_e, s_e, m_e, offs_n, n_ok, k, k_ok, stride_wn, stride_sn, I, G, WFMT)
         acc = _mma(a, w, acc, DOT_FP32)
         a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    if HAS_SCALE:
-        acc *= tl.load(scale_ptr + e * stride_se + offs_n, mask=n_ok, other=0.0)[None, :]
+    acc = _row_scale(acc, s_e, offs_n, n_ok, stride_sn, WFMT)
     acc *= tl.load(rw_ptr + slot, mask=row_ok, other=0.0)[:, None]
     y_ptrs = y_ptr + pid_s.to(tl.int64) * stride_ys + slot[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _linear_int8(
-    x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+def _linear(
+    x_ptr, w_ptr, s_ptr, m_ptr, y_ptr, M, N, K, G, stride_xm, stride_wn, stride_sn, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WFMT: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
-    """y = (x @ q.T) * scale for a plain int8 Linear: the ``_down`` loop without experts or routing."""
+    """y = x @ w.T for a plain quantized Linear: the ``_down`` loop without experts or routing."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = offs_m < M, offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k_ok = offs_k < K - k0
+        k = k0 + offs_k
+        k_ok = k < K
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+        w = _weight_tile(w_ptr, s_ptr, m_ptr, offs_n, n_ok, k, k_ok, stride_wn, stride_sn, K, G, WFMT)
         acc = _mma(a, w, acc, DOT_FP32)
         a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    acc *= tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    acc = _row_scale(acc, s_ptr, offs_n, n_ok, stride_sn, WFMT)
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -260,16 +292,76 @@ def _linear_int8(
 # ---------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------
-def _check(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor):
+class Weight(NamedTuple):
+    """A weight (N, K) or stack of expert weights (E, N, K) in a kernel's terms.
+
+    ``q``: float (.., N, K), int8 (.., N, K) or int4 packed uint8 (.., N, K/2); ``scales``: int8
+    (.., N) fp32, int4 (.., N, K/G) fp16; ``mins``: int4 only, like ``scales``."""
+    fmt: str  # "float" | "int8" | "int4"
+    q: torch.Tensor
+    scales: torch.Tensor | None = None
+    mins: torch.Tensor | None = None
+
+    @classmethod
+    def quantized(cls, tensors: list[torch.Tensor]) -> Weight:
+        """From ``QuantizedTensor.kernel_args()``: [qweight, scales] int8, [qweight, scales, mins] int4."""
+        if len(tensors) == 3:
+            return cls("int4", *tensors)
+        q, scales = tensors
+        return cls("int8", q, scales.float())  # fp32 scales, as the kernel reads them
+
+    @property
+    def in_features(self) -> int:
+        return self.q.shape[-1] * (2 if self.fmt == "int4" else 1)
+
+    @property
+    def out_features(self) -> int:
+        return self.q.shape[-2]
+
+    def check(self, what: str) -> None:
+        lead = self.q.shape[:-1]
+        if self.q.stride(-1) != 1:
+            raise ValueError(f"{what}: weights must be contiguous in their last dimension")
+        if self.fmt == "int8" and (self.scales is None or self.scales.shape != lead):
+            raise ValueError(f"{what}: int8 scales must be one per output channel: weight {tuple(self.q.shape)}, "
+                             f"scales {None if self.scales is None else tuple(self.scales.shape)}")
+        if self.fmt == "int4":
+            ok = (self.scales is not None and self.mins is not None and self.scales.shape[:-1] == lead
+                  and self.mins.shape == self.scales.shape and self.in_features % self.scales.shape[-1] == 0
+                  and (self.in_features // self.scales.shape[-1]) % 32 == 0)
+            if not ok:
+                raise ValueError(f"{what}: int4 weight {tuple(self.q.shape)} needs scales and mins of shape "
+                                 f"(..., N, K/G) with G a multiple of 32, got "
+                                 f"{None if self.scales is None else tuple(self.scales.shape)} and "
+                                 f"{None if self.mins is None else tuple(self.mins.shape)}")
+
+    def args(self) -> tuple:
+        """(w, scales, mins, stride_we, stride_wn, stride_se, stride_sn, G, WFMT) for the kernels."""
+        q = self.q
+        stride_we = q.stride(0) if q.dim() == 3 else 0
+        if self.fmt == "float":  # scale and min pointers are never read: any tensor fills them
+            return q, q, q, stride_we, q.stride(-2), 0, 0, 1, W_FLOAT
+        s = self.scales
+        m = self.mins if self.mins is not None else s
+        stride_se = s.stride(0) if q.dim() == 3 else 0
+        if self.fmt == "int8":
+            return q, s, m, stride_we, q.stride(-2), stride_se, s.stride(-1), 1, W_INT8
+        return (q, s, m, stride_we, q.stride(-2), stride_se, s.stride(-2), self.in_features // s.shape[-1],
+                W_INT4)
+
+
+def _check(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Weight, w2: Weight) -> None:
     N, H = x.shape
-    E, two_i, H2 = w13.shape
-    if H2 != H or w2.shape != (E, H, two_i // 2):
-        raise ValueError(f"expert shapes do not match: x {tuple(x.shape)}, gate_up {tuple(w13.shape)}, "
-                         f"down {tuple(w2.shape)}")
+    E, two_i = w13.q.shape[0], w13.out_features
+    if w13.in_features != H or w2.q.shape[0] != E or (w2.out_features, w2.in_features) != (H, two_i // 2):
+        raise ValueError(f"expert shapes do not match: x {tuple(x.shape)}, gate_up {tuple(w13.q.shape)}, "
+                         f"down {tuple(w2.q.shape)} ({w13.fmt})")
     if ids.shape != weights.shape or ids.shape[0] != N:
         raise ValueError(f"ids {tuple(ids.shape)} and weights {tuple(weights.shape)} must both be (N, K)")
-    if x.stride(-1) != 1 or w13.stride(-1) != 1 or w2.stride(-1) != 1:
-        raise ValueError("x and expert weights must be contiguous in their last dimension")
+    if x.stride(-1) != 1:
+        raise ValueError("x must be contiguous in its last dimension")
+    w13.check("gate_up")
+    w2.check("down")
 
 
 def _configs(fmt: str, N: int, K: int, E: int, I: int, H: int, config):
@@ -292,96 +384,89 @@ def fused_experts(
         raise NotImplementedError("the fused MoE kernel implements SiLU experts only")
     if config is None:
         return torch.ops.mixtral.fused_experts(x, ids, weights, gate_up_proj, down_proj)
-    return _run("bf16", x, ids, weights, gate_up_proj, None, down_proj, None, config)
+    return _run(x, ids, weights, Weight("float", gate_up_proj), Weight("float", down_proj), config)
 
 
-def fused_experts_int8(
+def fused_experts_quantized(
     x: torch.Tensor,
     ids: torch.Tensor,
     weights: torch.Tensor,
-    gate_up_q: torch.Tensor,
-    gate_up_scale: torch.Tensor,
-    down_q: torch.Tensor,
-    down_scale: torch.Tensor,
+    gate_up: list[torch.Tensor],
+    down: list[torch.Tensor],
     config: MoeConfig | None = None,
 ) -> torch.Tensor:
-    """Int8 weight-only experts in ``mixtral.quant``'s int8 format: ``*_q`` int8 (E, N, K),
-    ``*_scale`` fp32 (E, N), w = q * scale. SiLU experts."""
-    if gate_up_scale.shape != gate_up_q.shape[:2] or down_scale.shape != down_q.shape[:2]:
-        raise ValueError(f"int8 scales must be one per output channel: gate_up {tuple(gate_up_q.shape)} with "
-                         f"scales {tuple(gate_up_scale.shape)}, down {tuple(down_q.shape)} with "
-                         f"scales {tuple(down_scale.shape)}")
-    gs, ds = gate_up_scale.float().contiguous(), down_scale.float().contiguous()
+    """SiLU experts with ``mixtral.quant``'s int8 or int4 weights, each given as its stored tensors
+    (``QuantizedTensor.kernel_args()``): [qweight, scales] for int8, [qweight, scales, mins] for int4."""
     if config is None:
-        return torch.ops.mixtral.fused_experts_int8(x, ids, weights, gate_up_q, gs, down_q, ds)
-    return _run("int8", x, ids, weights, gate_up_q, gs, down_q, ds, config)
+        return torch.ops.mixtral.fused_experts_quantized(x, ids, weights, list(gate_up), list(down))
+    return _run(x, ids, weights, Weight.quantized(gate_up), Weight.quantized(down), config)
 
 
-def _run(fmt, x, ids, weights, w13, s13, w2, s2, config: MoeConfig | None) -> torch.Tensor:
+def _run(x, ids, weights, w13: Weight, w2: Weight, config: MoeConfig | None) -> torch.Tensor:
     _check(x, ids, weights, w13, w2)
     N, H = x.shape
-    E, I, K = w13.shape[0], w2.shape[-1], ids.shape[1]
-    cfg_up, cfg_down = _configs(fmt, N, K, E, I, H, config)
+    E, I, K = w13.q.shape[0], w2.in_features, ids.shape[1]
+    cfg_up, cfg_down = _configs("bf16" if w13.fmt == "float" else w13.fmt, N, K, E, I, H, config)
     # Both GEMMs walk the same sorted layout, so they share one block_m (the gate_up config's).
     block_m = cfg_up.block_m
     cfg_down = cfg_down._replace(block_m=block_m)
-    has_scale = s13 is not None
-    # Without scales the kernels never read scale_ptr; any tensor fills the slot.
-    s13, s2 = (s13, s2) if has_scale else (w13, w2)
     sorted_slots, block_expert = moe_align(ids, E, block_m)
     blocks = block_expert.numel()
 
     h = torch.empty(sorted_slots.numel(), I, dtype=x.dtype, device=x.device)  # sorted order
     c = cfg_up
+    w, s, m, swe, swn, sse, ssn, G, wfmt = w13.args()
     _gate_up[(blocks, triton.cdiv(I, c.block_n))](
-        x, w13, s13, h, sorted_slots, block_expert, N * K, I, H, x.stride(0), w13.stride(0), w13.stride(1),
-        s13.stride(0), h.stride(0), TOP_K=K, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-        HAS_SCALE=has_scale, DOT_FP32=_DOT_FP32, num_warps=c.num_warps, num_stages=c.num_stages)
+        x, w, s, m, h, sorted_slots, block_expert, N * K, I, H, G, x.stride(0), swe, swn, sse, ssn, h.stride(0),
+        TOP_K=K, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, WFMT=wfmt, DOT_FP32=_DOT_FP32,
+        num_warps=c.num_warps, num_stages=c.num_stages)
 
     # Split-K over I for the down product: at decode its grid is only (2 blocks x H / BLOCK_N), too
     # few programs to keep every SM streaming weights; splits multiply it. Partial sums in fp32.
     c = cfg_down
     y = torch.empty(c.split_k, N * K, H, dtype=torch.float32, device=x.device)  # slot order
     rw = weights.reshape(-1).float().contiguous()
+    w, s, m, swe, swn, sse, ssn, G, wfmt = w2.args()
     _down[(blocks, triton.cdiv(H, c.block_n), c.split_k)](
-        h, w2, s2, y, rw, sorted_slots, block_expert, N * K, H, I, h.stride(0), w2.stride(0), w2.stride(1),
-        s2.stride(0), y.stride(0), y.stride(1), BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-        HAS_SCALE=has_scale, DOT_FP32=_DOT_FP32, num_warps=c.num_warps, num_stages=c.num_stages)
+        h, w, s, m, y, rw, sorted_slots, block_expert, N * K, H, I, G, h.stride(0), swe, swn, sse, ssn,
+        y.stride(0), y.stride(1), BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, WFMT=wfmt,
+        DOT_FP32=_DOT_FP32, num_warps=c.num_warps, num_stages=c.num_stages)
     # Splits and top-k choices summed by a plain reduction: a fixed order, so results are
     # bit-for-bit reproducible (an atomic-add epilogue would not be).
     return y.view(c.split_k, N, K, H).sum(dim=(0, 2)).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
-# A plain int8 Linear (attention projections of an int8 model) for few rows
+# A plain quantized Linear (the attention projections of an int8/int4 model), for few rows
 # ---------------------------------------------------------------------------------------------
-def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                config: MoeConfig | None = None) -> torch.Tensor:
-    """x (M, K) @ (qweight (N, K) int8 * scales (N,)).T -> (M, N) in x's dtype. No host sync."""
-    M, K = x.shape
-    N = qweight.shape[0]
-    if qweight.shape != (N, K) or scales.shape != (N,) or x.stride(-1) != 1 or qweight.stride(-1) != 1:
-        raise ValueError(f"int8_linear: x {tuple(x.shape)}, qweight {tuple(qweight.shape)}, "
-                         f"scales {tuple(scales.shape)} (contiguous rows, one scale per output row)")
+def quantized_linear(x: torch.Tensor, weight: list[torch.Tensor], config: MoeConfig | None = None) -> torch.Tensor:
+    """x (M, K) @ w.T -> (M, N) in x's dtype, w given as its stored tensors (``kernel_args()``:
+    [qweight, scales] int8, [qweight, scales, mins] int4). No host sync."""
     if config is None:
-        return torch.ops.mixtral.int8_linear(x, qweight, scales)
-    return _linear(x, qweight, scales, config)
+        return torch.ops.mixtral.quantized_linear(x, list(weight))
+    return _linear_run(x, weight, config)
 
 
-def _linear(x, qweight, scales, config) -> torch.Tensor:
+def _linear_run(x: torch.Tensor, weight: list[torch.Tensor], config: MoeConfig | None) -> torch.Tensor:
+    w = Weight.quantized(weight)
     M, K = x.shape
-    N = qweight.shape[0]
-    c = config or get_config("linear", "int8", M, 1, 1, N, K)
+    if w.q.dim() != 2 or w.in_features != K or x.stride(-1) != 1:
+        raise ValueError(f"quantized_linear: x {tuple(x.shape)} against a {w.fmt} weight {tuple(w.q.shape)} "
+                         f"(contiguous rows, K matching)")
+    w.check("quantized_linear")
+    N = w.out_features
+    c = config or get_config("linear", w.fmt, M, 1, 1, N, K)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    _linear_int8[(triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n))](
-        x, qweight, scales, y, M, N, K, x.stride(0), qweight.stride(0), y.stride(0),
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, DOT_FP32=_DOT_FP32,
+    q, s, m, _, swn, _, ssn, G, wfmt = w.args()
+    _linear[(triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n))](
+        x, q, s, m, y, M, N, K, G, x.stride(0), swn, ssn, y.stride(0),
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, WFMT=wfmt, DOT_FP32=_DOT_FP32,
         num_warps=c.num_warps, num_stages=c.num_stages)
     return y
 
 
 # ---------------------------------------------------------------------------------------------
-# The same three entry points as torch custom ops
+# The entry points as torch custom ops
 # ---------------------------------------------------------------------------------------------
 # torch.compile cannot trace into a Triton launch made from Python; as registered ops the kernels
 # are opaque nodes of the compiled decode step (no graph break), their output shapes given by the
@@ -391,18 +476,18 @@ def _linear(x, qweight, scales, config) -> torch.Tensor:
 @torch.library.custom_op("mixtral::fused_experts", mutates_args=())
 def _fused_experts_op(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
                       w2: torch.Tensor) -> torch.Tensor:
-    return _run("bf16", x, ids, weights, w13, None, w2, None, None)
+    return _run(x, ids, weights, Weight("float", w13), Weight("float", w2), None)
 
 
-@torch.library.custom_op("mixtral::fused_experts_int8", mutates_args=())
-def _fused_experts_int8_op(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, q13: torch.Tensor,
-                           s13: torch.Tensor, q2: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
-    return _run("int8", x, ids, weights, q13, s13, q2, s2, None)
+@torch.library.custom_op("mixtral::fused_experts_quantized", mutates_args=())
+def _fused_experts_quantized_op(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                                gate_up: list[torch.Tensor], down: list[torch.Tensor]) -> torch.Tensor:
+    return _run(x, ids, weights, Weight.quantized(gate_up), Weight.quantized(down), None)
 
 
-@torch.library.custom_op("mixtral::int8_linear", mutates_args=())
-def _int8_linear_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return _linear(x, qweight, scales, None)
+@torch.library.custom_op("mixtral::quantized_linear", mutates_args=())
+def _quantized_linear_op(x: torch.Tensor, weight: list[torch.Tensor]) -> torch.Tensor:
+    return _linear_run(x, weight, None)
 
 
 @_fused_experts_op.register_fake
@@ -410,11 +495,11 @@ def _(x, ids, weights, w13, w2):
     return torch.empty_like(x)
 
 
-@_fused_experts_int8_op.register_fake
-def _(x, ids, weights, q13, s13, q2, s2):
+@_fused_experts_quantized_op.register_fake
+def _(x, ids, weights, gate_up, down):
     return torch.empty_like(x)
 
 
-@_int8_linear_op.register_fake
-def _(x, qweight, scales):
-    return x.new_empty(x.shape[0], qweight.shape[0])
+@_quantized_linear_op.register_fake
+def _(x, weight):
+    return x.new_empty(x.shape[0], weight[0].shape[0])

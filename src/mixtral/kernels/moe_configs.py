@@ -44,11 +44,12 @@ for (_kernel, _fmt, _bucket), _cfg in _MIXTRAL_8X7B.items():
     _n, _k = (2 * 14336, 4096) if _kernel == "gate_up" else (4096, 14336)
     CONFIGS[(_kernel, _fmt, _bucket, 8, _n, _k)] = _cfg
 
-# The int8 attention projections (``int8_linear``, E = 1): q|k|v (6144 x 4096) and o (4096 x 4096).
+# The quantized attention projections (``quantized_linear``, E = 1): q|k|v (6144 x 4096) and o (4096 x 4096).
 # Decode has one 16-row tile, so parallelism comes from N alone: 32-wide tiles give 192 and 128
 # programs for the 132 SMs of an H100 (64-wide would leave a third of them idle on o_proj).
 for _n in (6144, 4096):
-    CONFIGS[("linear", "int8", 1, 1, _n, 4096)] = MoeConfig(16, 32, 256, 4, 4)
+    for _fmt in ("int8", "int4"):
+        CONFIGS[("linear", _fmt, 1, 1, _n, 4096)] = MoeConfig(16, 32, 256, 4, 4)
 
 
 def tokens_bucket(num_tokens: int) -> int:

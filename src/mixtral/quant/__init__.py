@@ -27,7 +27,7 @@ internal names. ``config.json`` carries
 ``"quantization_config": {"quant_method": "mixtral-weight-only", "bits": 8|4, "group_size": G,
 "lm_head": bool, "activations": "int8"|"fp32", "version": 2}``.
 
-Speed on CUDA: int8 weights run Triton kernels that read them as stored (``triton_int8_applies``).
+Speed on CUDA: int8 and int4 weights run Triton kernels that read them as stored (``triton_applies``).
 Speed on the CPU: decode (few rows) runs AVX2 kernels (``mixtral.kernels.cpu``). By default they quantize the
 activations too, to int8 in blocks of 32 with one fp32 scale each (llama.cpp's Q8_0/Q8_1 scheme), so
 the inner loop is an integer dot product: widening every weight to fp32 is what bounds decode on a
@@ -99,7 +99,7 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     G = int4_group_size(K, group_size)
     g = w.float().reshape(*lead, O, K // G, G)
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-    if max(-lo.min().item(), hi.max().item()) > 65504:
+    if not w.is_meta and max(-lo.min().item(), hi.max().item()) > 65504:  # (meta: shapes only, no values)
         raise ValueError("int4 quantization stores fp16 scales and mins: weights beyond +-65504 do not fit")
     # Nibbles are chosen against the fp16 scale and min actually stored.
     scales, mins = ((hi - lo) / 15.0).half(), lo.half()
@@ -198,15 +198,15 @@ def _use_kernels(x: torch.Tensor, rows: int):
     return cpu_kernels()
 
 
-TRITON_LINEAR_MAX_ROWS = 64  # beyond this an int8 Linear on CUDA dequantizes and uses cuBLAS (compute bound)
+TRITON_LINEAR_MAX_ROWS = 64  # beyond this a quantized Linear on CUDA dequantizes and uses cuBLAS (compute bound)
 
 
-def triton_int8_applies(x: torch.Tensor, weight: QuantizedTensor) -> bool:
-    """Whether an int8 weight runs the Triton kernels (``mixtral.kernels.fused_moe``): on CUDA,
-    without autograd (they have no backward), Triton installed. They read the int8 weights as
+def triton_applies(x: torch.Tensor) -> bool:
+    """Whether quantized weights run the Triton kernels (``mixtral.kernels.fused_moe``): on CUDA,
+    without autograd (they have no backward), Triton installed. They read int8 and int4 weights as
     stored, with no host synchronisation, so a decode step stays capturable in a CUDA graph.
     Activations stay in their dtype there (``int8_activations`` is a CPU-kernel setting)."""
-    return weight.bits == 8 and x.is_cuda and not torch.is_grad_enabled() and triton_available()
+    return x.is_cuda and not torch.is_grad_enabled() and triton_available()
 
 
 class QuantLinear(nn.Module):
@@ -221,10 +221,10 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] <= TRITON_LINEAR_MAX_ROWS and triton_int8_applies(x2, self.weight_q):
-            from ..kernels.fused_moe import int8_linear
+        if x2.shape[0] <= TRITON_LINEAR_MAX_ROWS and triton_applies(x2):
+            from ..kernels.fused_moe import quantized_linear
 
-            return int8_linear(x2.contiguous(), *self.weight_q.kernel_args()).reshape(*lead, self.out_features)
+            return quantized_linear(x2.contiguous(), self.weight_q.kernel_args()).reshape(*lead, self.out_features)
         ck = _use_kernels(x2, x2.shape[0])
         if ck is not None:
             y = ck.linear(x2.contiguous(), self.weight_q.kernel_args(), self.weight_q.int8_activations)
@@ -239,8 +239,7 @@ class QuantExperts(nn.Module):
     CPU decode (few tokens): one AVX2 kernel call per layer that reads only the chosen experts' rows.
     CPU prefill (many tokens): tokens grouped by expert, each expert hit dequantized once and used in
     one fp32 matrix product, as ``experts_grouped`` does for float weights.
-    int8 on CUDA: the Triton fused MoE (``fused_experts_int8``) for any number of tokens.
-    int4 on CUDA: the grouped path above (no Triton int4 kernel yet; not CUDA-graph capturable).
+    On CUDA: the Triton fused MoE (``fused_experts_quantized``) for any number of tokens.
     """
 
     def __init__(self, gate_up: QuantizedTensor, down: QuantizedTensor, act) -> None:
@@ -256,11 +255,11 @@ class QuantExperts(nn.Module):
         return self.gate_up_q.qweight.shape[0]
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if self.act is F.silu and triton_int8_applies(x, self.gate_up_q):
-            from ..kernels.fused_moe import fused_experts_int8
+        if self.act is F.silu and triton_applies(x):
+            from ..kernels.fused_moe import fused_experts_quantized
 
-            return fused_experts_int8(x.contiguous(), ids, weights, *self.gate_up_q.kernel_args(),
-                                      *self.down_q.kernel_args())
+            return fused_experts_quantized(x.contiguous(), ids, weights, self.gate_up_q.kernel_args(),
+                                           self.down_q.kernel_args())
         ck = _use_kernels(x, x.shape[0])
         if ck is not None and self.act is F.silu:
             return ck.experts(x.contiguous(), ids.long().contiguous(), weights.float().contiguous(),
