@@ -21,10 +21,19 @@ def padded_prompts(lengths=(3, 7, 5), vocab=101, seed=0):
     return ids, mask
 
 
-# "static": the fixed-shape cache and decode step that CUDA captures as a graph, run eagerly here.
+def force_static_path(monkeypatch, cache_implementation):
+    """"static" runs the fixed-shape cache and decode step that CUDA captures as a graph; forced
+    here (eagerly) on the CPU, where generate otherwise serves it with the default path."""
+    if cache_implementation == "static":
+        import mixtral.generation as generation
+
+        monkeypatch.setattr(generation, "static_decode_applies", lambda model, ci: ci == "static")
+
+
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
 @pytest.mark.parametrize("window", [None, 4])
-def test_greedy_generate_matches_transformers(window, cache_implementation):
+def test_greedy_generate_matches_transformers(window, cache_implementation, monkeypatch):
+    force_static_path(monkeypatch, cache_implementation)
     hm, m = hf_pair(sliding_window=window, pad_token_id=0)
     ids, mask = padded_prompts()
     a = hm.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
@@ -41,7 +50,8 @@ def test_generate_rejects_unknown_cache_implementation():
 
 
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
-def test_greedy_with_eos_and_repetition_penalty_matches_transformers(cache_implementation):
+def test_greedy_with_eos_and_repetition_penalty_matches_transformers(cache_implementation, monkeypatch):
+    force_static_path(monkeypatch, cache_implementation)
     hm, m = hf_pair(pad_token_id=0)
     ids, mask = padded_prompts(seed=3)
     # Pick as EOS a token that the first row emits early, so finished-row padding is exercised.
