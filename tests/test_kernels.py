@@ -250,10 +250,10 @@ def test_quantized_model_runs_the_triton_kernels(monkeypatch, mode):
 @pytest.mark.parametrize("fmt", ["float", "int8", "int4"])
 def test_decode_step_compiles_whole(monkeypatch, fmt):
     """The layer step GraphDecoder captures traces as one graph (``fullgraph``: any break raises) on
-    the branches CUDA takes -- Triton experts, int8 kernels as torch ops, no CPU-kernel calls --
-    compiled once for all layers, and the compiled step (AOT autograd's functionalized graph, which
-    is what inductor receives) keeps the rolling cache's in-place writes: same logits as the eager
-    step, step after step."""
+    the branches CUDA takes -- Triton experts, quantized kernels as torch ops, no CPU-kernel calls --
+    compiled once for all layers (and at most twice over batch sizes), and the compiled step (AOT
+    autograd's functionalized graph, which is what inductor receives) keeps the rolling cache's
+    in-place writes: same logits as the eager step, step after step."""
     from conftest import tiny_kwargs
 
     import mixtral.quant as quant
@@ -270,25 +270,29 @@ def test_decode_step_compiles_whole(monkeypatch, fmt):
     if fmt != "float":
         quantize_model(model, fmt)
     model.to(DEVICE)
-    ids = torch.randint(0, config.vocab_size, (2, 5), device=DEVICE)
-    valid = torch.ones(2, dtype=torch.bool, device=DEVICE)
     from torch._dynamo.testing import CompileCounterWithBackend
 
     counter = CompileCounterWithBackend("aot_eager")
     step = compiled_decode_step(backend=counter)
-    with torch.inference_mode():
-        cache = KVCache.for_model(config, 2, capacity=9, device=DEVICE)
-        tok = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
-        eager, compiled = (StaticCache(config, 2, 9, torch.float32, DEVICE) for _ in range(2))
-        eager.load(cache)
-        compiled.load(cache)
-        for _ in range(3):  # past the window of 4: the rolling buffer wraps
-            want = decode_step(model, eager, tok, valid)
-            torch.testing.assert_close(step(model, compiled, tok, valid), want, atol=1e-5, rtol=1e-5)
-            tok = want.argmax(-1)
-    assert counter.frame_count == 1  # one graph, reused by every layer and step
-    for a, b in zip(eager.k + eager.v, compiled.k + compiled.v):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    # (batch, capacity): the first shape compiles once for every layer and step; a second compiles
+    # once more with symbolic sizes, which serves the third too (checked once: the interpreter is slow).
+    shapes = [(2, 9), (3, 12), (4, 7)] if fmt == "float" else [(2, 9)]
+    for (B, capacity), compiles in zip(shapes, (1, 2, 2)):
+        ids = torch.randint(0, config.vocab_size, (B, 5), device=DEVICE)
+        valid = torch.ones(B, dtype=torch.bool, device=DEVICE)
+        with torch.inference_mode():
+            cache = KVCache.for_model(config, B, capacity=capacity, device=DEVICE)
+            tok = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
+            eager, compiled = (StaticCache(config, B, capacity, torch.float32, DEVICE) for _ in range(2))
+            eager.load(cache)
+            compiled.load(cache)
+            for _ in range(3):  # past the window of 4: the rolling buffer wraps
+                want = decode_step(model, eager, tok, valid)
+                torch.testing.assert_close(step(model, compiled, tok, valid), want, atol=1e-5, rtol=1e-5)
+                tok = want.argmax(-1)
+        assert counter.frame_count == compiles
+        for a, b in zip(eager.k + eager.v, compiled.k + compiled.v):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
 def test_graph_capture_refuses_modules_that_sync():

@@ -152,21 +152,28 @@ def graph_unsafe_modules(model) -> list[str]:
 
 def compiled_decode_step(backend: str = "inductor"):
     """``decode_step`` with each layer run by ``torch.compile(decode_layer)``, traced whole
-    (``fullgraph``: a graph break raises) with static shapes.
+    (``fullgraph``: a graph break raises).
 
     Why: a graph removes launch *latency*, not launches. Eager, a layer's step is ~40 kernels (the
     norms, rotary, router softmax/top-k and residual adds are several small ones each); replayed,
     each still costs a few microseconds, ~1280 per token over 32 layers, a large share of a step
     that moves its bytes in ~4-5 ms. Inductor fuses those elementwise chains; the Triton MoE and
-    int8 kernels stay opaque nodes (registered torch ops, ``fused_moe``) and the CPU kernels step
-    aside while tracing (``cpu_kernels``).
+    quantized kernels stay opaque nodes (registered torch ops, ``fused_moe``) and the CPU kernels
+    step aside while tracing (``cpu_kernels``).
 
     Per layer rather than the whole step: the layers are identical modules, which torch.compile
     passes as inputs, so one compilation serves all 32 (compiling the unrolled step would take 32x
-    as long, once per batch size). The few ops outside the layers run eagerly.
+    as long). One compiled function per process and backend, shared by every ``GraphDecoder``: the
+    first batch size and cache capacity compile specialized, and a second shape compiles once more
+    with symbolic sizes (torch.compile's default), which then serves every later shape -- rather
+    than a compilation per shape, which would soon hit torch.compile's recompile limit.
     """
-    layer_step = torch.compile(decode_layer, fullgraph=True, dynamic=False, backend=backend)
-    return functools.partial(decode_step, layer_step=layer_step)
+    return functools.partial(decode_step, layer_step=_compiled_layer(backend))
+
+
+@functools.cache
+def _compiled_layer(backend):
+    return torch.compile(decode_layer, fullgraph=True, backend=backend)
 
 
 class GraphDecoder:
