@@ -40,7 +40,7 @@ def resolve_device(device: str) -> str:
 
 def decode_cache_for(model) -> str | None:
     """On CUDA, decode as a captured graph (``cache_implementation="static"``) when the model allows
-    it (Triton installed, bf16/int8 experts); otherwise the default step-by-step decode."""
+    it (Triton installed, SiLU experts: ``graph_unsafe_modules``); otherwise step by step."""
     if model.device.type != "cuda":
         return None
     from .kernels import triton_available
