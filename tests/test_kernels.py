@@ -295,6 +295,31 @@ def test_decode_step_compiles_whole(monkeypatch, fmt):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
+def test_kept_graphs_follow_the_weights():
+    """A kept graph is reused while the model's tensors stay where they were (in-place updates are
+    seen by replays); replacing modules (here ``quantize_model``) keys a new graph and drops the
+    stale one, instead of replaying the old weights."""
+    from conftest import tiny_kwargs
+
+    from mixtral import MixtralConfig, MixtralForCausalLM
+    from mixtral.kernels import cuda_graph
+
+    model = MixtralForCausalLM(MixtralConfig(**tiny_kwargs()))
+    before = cuda_graph.weights_key(model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    assert cuda_graph.weights_key(model) == before
+    quantize_model(model, "int8")
+    after = cuda_graph.weights_key(model)
+    assert after != before and after[0] == before[0]
+    cuda_graph.clear_graph_decoders()
+    made = []
+    for key, name in [((before, 1), "old"), ((before, 1), "again"), ((after, 1), "new")]:
+        cuda_graph._kept_decoder(key, lambda name=name: made.append(name) or name)
+    assert made == ["old", "new"] and list(cuda_graph._DECODERS) == [(after, 1)]
+    cuda_graph.clear_graph_decoders()
+
+
 def test_graph_capture_refuses_modules_that_sync():
     from conftest import tiny_kwargs
 

@@ -233,12 +233,32 @@ class GraphDecoder:
         return self.next_tokens
 
 
-_DECODERS: dict[tuple[int, int, int, float, int | None, bool], GraphDecoder] = {}
+_DECODERS: dict[tuple, GraphDecoder] = {}
 
 
 def clear_graph_decoders() -> None:
     """Drop every kept graph and static cache (they hold GPU memory, and their model, until then)."""
     _DECODERS.clear()
+
+
+def weights_key(model) -> tuple[int, int]:
+    """(model id, fingerprint of where its tensors live). A captured graph reads the addresses it
+    saw at capture: weights changed in place (``load_state_dict``, ``copy_``) are seen by later
+    replays, but a replaced module or parameter (``quantize_model``, ``model.to``, assigning a new
+    Parameter) is not. Keying kept graphs by this makes such a change capture a new graph instead
+    of silently replaying the old weights."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return id(model), hash(tuple((t.data_ptr(), t.dtype, t.shape) for t in tensors))
+
+
+def _kept_decoder(key: tuple, make) -> GraphDecoder:
+    """The kept decoder for ``key`` (whose first item is ``weights_key``), made if absent; graphs of
+    the same model under older weights are dropped (they could never match again)."""
+    if key not in _DECODERS:
+        for stale in [k for k in _DECODERS if k[0][0] == key[0][0] and k[0] != key[0]]:
+            del _DECODERS[stale]
+        _DECODERS[key] = make()
+    return _DECODERS[key]
 
 
 CAPACITY_STEP = 256  # static caches for generate() are sized in these steps, so graphs get reused
@@ -248,9 +268,9 @@ def static_decoder(model, batch_size: int, capacity: int):
     """``generate(cache_implementation="static")``'s decode: (a ``StaticCache`` holding at least
     ``capacity`` tokens, ``step(tokens (B,)) -> logits (B, V)``), every new token valid.
 
-    On CUDA the step is a captured graph of the compiled step, kept per (model, batch size,
-    capacity rounded up to ``CAPACITY_STEP``) and reused by later calls; its logits are overwritten
-    by the next step. Elsewhere ``decode_step`` runs eagerly: the same numbers, but on the CPU
+    On CUDA the step is a captured graph of the compiled step, kept per (model and its weights'
+    addresses, batch size, capacity rounded up to ``CAPACITY_STEP``) and reused by later calls; its
+    logits are overwritten by the next step. Elsewhere ``decode_step`` runs eagerly: the same numbers, but on the CPU
     slower than the default path, whose fused decode kernels have no launch overhead to remove.
     """
     device = model.device
@@ -259,11 +279,10 @@ def static_decoder(model, batch_size: int, capacity: int):
         valid = torch.ones(batch_size, dtype=torch.bool, device=device)
         return static, lambda tokens: decode_step(model, static, tokens, valid)
     capacity = -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
-    key = (id(model), batch_size, capacity, 0.0, None, True)
-    if key not in _DECODERS:
-        static = StaticCache(model.config, batch_size, capacity, model.dtype, device)
-        _DECODERS[key] = GraphDecoder(model, static, compile=True)
-    decoder = _DECODERS[key]
+    decoder = _kept_decoder(
+        (weights_key(model), batch_size, capacity, 0.0, None, True),
+        lambda: GraphDecoder(model, StaticCache(model.config, batch_size, capacity, model.dtype, device)),
+    )
 
     def step(tokens: torch.Tensor) -> torch.Tensor:
         decoder.step(tokens)
@@ -279,17 +298,17 @@ def generate_with_graph(
 ) -> torch.Tensor:
     """Prefill eagerly, then decode by graph replay. Returns (B, max_new_tokens) new token ids.
 
-    One graph (and one static cache) is kept per (model, batch size, capacity, sampling, compile)
-    and reused.
+    One graph (and one static cache) is kept per (model and its weights' addresses, batch size,
+    capacity, sampling, compile) and reused.
     No EOS handling: the caller trims; checking EOS each step would cost a sync.
     """
     B, L = input_ids.shape
     capacity = L + max_new_tokens
-    key = (id(model), B, capacity, temperature, top_k, compile)
-    if key not in _DECODERS:
-        static = StaticCache(model.config, B, capacity, model.dtype, input_ids.device)
-        _DECODERS[key] = GraphDecoder(model, static, temperature, top_k, compile)
-    decoder = _DECODERS[key]
+    decoder = _kept_decoder(
+        (weights_key(model), B, capacity, temperature, top_k, compile),
+        lambda: GraphDecoder(model, StaticCache(model.config, B, capacity, model.dtype, input_ids.device),
+                             temperature, top_k, compile),
+    )
     cache = KVCache.for_model(model.config, B, capacity=capacity, dtype=model.dtype, device=input_ids.device)
     out = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
                 logits_to_keep=1)
