@@ -96,8 +96,8 @@ def decode_step(model, tokens: torch.Tensor, attention_mask: torch.Tensor | None
 def static_decode_applies(model, cache_implementation: str | None) -> bool:
     """Whether ``cache_implementation="static"`` takes the fixed-shape path: on CUDA, where a
     captured graph removes per-kernel launch costs. On the CPU the default path serves it, with the
-    same tokens and faster (measured on the demo model: ~40% more tok/s), since its fused decode
-    kernels have no launches to save and a fixed-shape cache would only add attention work."""
+    same tokens and faster (demo model, 64 tokens, two runs each: 14.5-17.1 tok/s against 9.2-10.8
+    through the eager fixed-shape step), since its fused decode kernels have no launches to save."""
     return cache_implementation == "static" and model.device.type == "cuda"
 
 
