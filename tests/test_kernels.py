@@ -33,7 +33,7 @@ from mixtral.kernels.fused_moe import (  # noqa: E402
     moe_align_reference,
     quantized_linear,
 )
-from mixtral.kernels.moe_configs import MoeConfig, get_config, tokens_bucket  # noqa: E402
+from mixtral.kernels.moe_configs import MoeConfig, default_config, get_config, tokens_bucket  # noqa: E402
 from mixtral.model import build_mask, eager_attention  # noqa: E402
 from mixtral.moe import Experts, experts_reference  # noqa: E402
 from mixtral.quant import (  # noqa: E402
@@ -55,6 +55,7 @@ SMALL = MoeConfig(block_m=16, block_n=32, block_k=32)
 LARGE = MoeConfig(block_m=32, block_n=32, block_k=32)  # fewer interpreted programs for 257 tokens
 # Split-K over I=40 in 32-wide steps: splits [0, 32), [32, 40) and one past the end (zeros).
 SPLIT = MoeConfig(block_m=16, block_n=32, block_k=32, split_k=3)
+WIDE_K = MoeConfig(block_m=16, block_n=32, block_k=64)  # int4: two groups of 32 per tile, or groups cut
 
 
 def routing(N: int, E: int, K: int, seed: int = 0):
@@ -136,8 +137,11 @@ def test_int8_experts_match_dequantized_reference(N, E, K, config):
 H4, I4 = 96, 64
 
 
+# Tiles of 32 inputs lie inside one group; WIDE_K tiles (64) hold two groups of 32 (with a last
+# half-empty tile at H=96), one group of 64, or cut groups of 96 (per-element scales).
 @pytest.mark.parametrize("N,E,K,g_up,g_down,config", [(1, 8, 2, 32, 64, SMALL), (33, 4, 4, 96, 32, SMALL),
-                                                       (3, 8, 1, 32, 32, SPLIT)])
+                                                       (3, 8, 1, 32, 32, SPLIT), (5, 4, 2, 32, 64, WIDE_K),
+                                                       (2, 8, 2, 96, 32, WIDE_K)])
 def test_int4_experts_match_dequantized_reference(N, E, K, g_up, g_down, config):
     g = torch.Generator().manual_seed(N)
     w13 = torch.randn(E, 2 * I4, H4, generator=g) * H4**-0.5
@@ -152,15 +156,17 @@ def test_int4_experts_match_dequantized_reference(N, E, K, g_up, g_down, config)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("fmt,M,N,K", [("int8", 1, 40, 48), ("int8", 3, 97, 48), ("int8", 33, 40, 80),
-                                       ("int4", 1, 40, 96), ("int4", 3, 97, 128), ("int4", 33, 40, 32)])
-def test_quantized_linear_matches_dequantized_product(fmt, M, N, K):
+@pytest.mark.parametrize("fmt,M,N,K,config", [("int8", 1, 40, 48, SMALL), ("int8", 3, 97, 48, SMALL),
+                                              ("int8", 33, 40, 80, SMALL), ("int4", 1, 40, 96, SMALL),
+                                              ("int4", 3, 97, 128, SMALL), ("int4", 33, 40, 32, SMALL),
+                                              ("int4", 2, 40, 160, WIDE_K)])
+def test_quantized_linear_matches_dequantized_product(fmt, M, N, K, config):
     g = torch.Generator().manual_seed(M)
     w = torch.randn(N, K, generator=g)
     stored = quantize_int8(w) if fmt == "int8" else quantize_int4(w, 32)
     dense = dequantize_int8(*stored) if fmt == "int8" else dequantize_int4(*stored)
     x = torch.randn(M, K, generator=g)
-    got = quantized_linear(x.to(DEVICE), [t.to(DEVICE) for t in stored], config=SMALL)
+    got = quantized_linear(x.to(DEVICE), [t.to(DEVICE) for t in stored], config=config)
     assert got.shape == (M, N) and got.dtype == x.dtype
     torch.testing.assert_close(got.cpu(), x @ dense.t(), atol=1e-4, rtol=1e-4)
 
@@ -358,6 +364,12 @@ def test_config_table_lookup():
     prefill = get_config("gate_up", "bf16", 4096, 2, 8, 2 * 14336, 4096)
     assert decode.block_m == 16 and prefill.block_m >= 64
     assert get_config("down", "bf16", 5, 2, 4, 48, 40).block_m == 16  # not in the table: heuristic
+    # Only decode entries for int8: a prefill must not borrow their 16-row tiles (bucket 1 is 12
+    # powers of two away from 4096); the heuristic's prefill tiles answer instead.
+    assert get_config("gate_up", "int8", 1, 2, 8, 2 * 14336, 4096).block_m == 16
+    assert get_config("gate_up", "int8", 4096, 2, 8, 2 * 14336, 4096) == default_config(4096, 2, 8)
+    assert default_config(4096, 2, 8).block_m >= 64
+    assert get_config("gate_up", "int8", 4, 2, 8, 2 * 14336, 4096).block_m == 16  # near bucket 1: its entry
 
 
 # --- attention --------------------------------------------------------------------------------

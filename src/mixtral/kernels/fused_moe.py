@@ -110,7 +110,9 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.
     sorted_slots = torch.empty(max_padded, dtype=torch.int32, device=ids.device)
     block_expert = torch.empty(max_padded // block_m, dtype=torch.int32, device=ids.device)
     ep = triton.next_power_of_2(num_experts)
-    chunk = max(16, min(1024, 8192 // ep))
+    # (CHUNK, EP) int32 tiles live in registers: 4096 elements over 128 threads compile without
+    # spills; 8192 spilled (255 registers + 104 B of stack, bench/kernel_report.py).
+    chunk = max(16, min(512, 4096 // ep))
     _align_kernel[(1,)](flat, sorted_slots, block_expert, num_slots, num_experts, max_padded,
                         BLOCK_M=block_m, EP=ep, CHUNK=chunk)
     return sorted_slots, block_expert
@@ -160,9 +162,10 @@ def _mma(a, w, acc, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _weight_tile(w_ptr, s_ptr, m_ptr, n, n_ok, k, k_ok, stride_wn, stride_sn, K, G, WFMT: tl.constexpr):
-    """The (BK, BN) tile of weight rows ``n`` (BN,) at inputs ``k`` (BK,): as stored (float, int8),
-    or dequantized to fp32 (int4). Pointers are already at the expert's base."""
+def _weight_tile(w_ptr, s_ptr, m_ptr, n, n_ok, k0, k, k_ok, stride_wn, stride_sn, K, G,
+                 WFMT: tl.constexpr, GROUPS: tl.constexpr):
+    """The (BK, BN) tile of weight rows ``n`` (BN,) at inputs ``k = k0 + arange(BK)``: as stored
+    (float, int8), or dequantized to fp32 (int4). Pointers are already at the expert's base."""
     mask = k_ok[:, None] & n_ok[None, :]
     n = n.to(tl.int64)
     if WFMT == 2:
@@ -174,11 +177,41 @@ def _weight_tile(w_ptr, s_ptr, m_ptr, n, n_ok, k, k_ok, stride_wn, stride_sn, K,
         shift = tl.where(in_pair, ((k // 32) % 2) * 4, ((k - paired) // 16) * 4)
         q = tl.load(w_ptr + n[None, :] * stride_wn + byte[:, None], mask=mask, other=0).to(tl.int32)
         nibble = ((q >> shift[:, None]) & 0xF).to(tl.float32)
-        group = k // G
-        sc = tl.load(s_ptr + n[None, :] * stride_sn + group[:, None], mask=mask, other=0.0).to(tl.float32)
-        mn = tl.load(m_ptr + n[None, :] * stride_sn + group[:, None], mask=mask, other=0.0).to(tl.float32)
-        return nibble * sc + mn
-    return tl.load(w_ptr + n[None, :] * stride_wn + k[:, None], mask=mask, other=0)
+        if GROUPS == 0:
+            # Groups not aligned with the tile (a group size that is no power of two): a scale
+            # and min per element.
+            group = k // G
+            sc = tl.load(s_ptr + n[None, :] * stride_sn + group[:, None], mask=mask, other=0.0).to(tl.float32)
+            mn = tl.load(m_ptr + n[None, :] * stride_sn + group[:, None], mask=mask, other=0.0).to(tl.float32)
+            tile = nibble * sc + mn
+        else:
+            # The tile spans GROUPS whole groups (or lies inside one): load one scale and min per
+            # group and row, and broadcast them over the group's inputs. Loading them per element
+            # cost two 2-byte loads per weight and spilled registers (bench/kernel_report.py).
+            BK: tl.constexpr = k.shape[0]
+            BN: tl.constexpr = n.shape[0]
+            group = k0 // G + tl.arange(0, GROUPS)
+            g_mask = (group * G < K)[:, None] & n_ok[None, :]
+            sc = tl.load(s_ptr + n[None, :] * stride_sn + group[:, None], mask=g_mask, other=0.0).to(tl.float32)
+            mn = tl.load(m_ptr + n[None, :] * stride_sn + group[:, None], mask=g_mask, other=0.0).to(tl.float32)
+            grouped = tl.reshape(nibble, (GROUPS, BK // GROUPS, BN))
+            tile = tl.reshape(grouped * sc[:, None, :] + mn[:, None, :], (BK, BN))
+    else:
+        tile = tl.load(w_ptr + n[None, :] * stride_wn + k[:, None], mask=mask, other=0)
+    # One return: compiled Triton type-checks every return of a function, even one in a branch
+    # that a constexpr rules out (float32 here, uint8/int8 there), which the interpreter never does.
+    return tile
+
+
+def _scale_groups(wfmt: int, G: int, block_k: int) -> int:
+    """Whole int4 groups per BLOCK_K tile (1 when a group holds the tile), 0 when they do not align
+    (or the weights are not int4). Tiles start at multiples of BLOCK_K (split-K included), so a
+    power-of-two G aligns either way."""
+    if wfmt != W_INT4:
+        return 0
+    if block_k % G == 0:
+        return block_k // G
+    return 1 if G % block_k == 0 else 0
 
 
 @triton.jit
@@ -194,7 +227,7 @@ def _gate_up(
     x_ptr, w_ptr, s_ptr, m_ptr, h_ptr, sorted_ptr, block_expert_ptr,
     num_slots, I, H, G, stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    WFMT: tl.constexpr, DOT_FP32: tl.constexpr,
+    WFMT: tl.constexpr, GROUPS: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """h[sorted row] = silu(x @ w1.T) * (x @ w3.T) for one (block, I-tile); w1 rows then w3 rows."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -214,8 +247,8 @@ def _gate_up(
         k = k0 + offs_k
         k_ok = k < H
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        g = _weight_tile(w_e, s_e, m_e, offs_n, n_ok, k, k_ok, stride_wn, stride_sn, H, G, WFMT)
-        u = _weight_tile(w_e, s_e, m_e, offs_n + I, n_ok, k, k_ok, stride_wn, stride_sn, H, G, WFMT)
+        g = _weight_tile(w_e, s_e, m_e, offs_n, n_ok, k0, k, k_ok, stride_wn, stride_sn, H, G, WFMT, GROUPS)
+        u = _weight_tile(w_e, s_e, m_e, offs_n + I, n_ok, k0, k, k_ok, stride_wn, stride_sn, H, G, WFMT, GROUPS)
         acc_g = _mma(a, g, acc_g, DOT_FP32)
         acc_u = _mma(a, u, acc_u, DOT_FP32)
         a_ptrs += BLOCK_K
@@ -231,7 +264,7 @@ def _down(
     h_ptr, w_ptr, s_ptr, m_ptr, y_ptr, rw_ptr, sorted_ptr, block_expert_ptr,
     num_slots, H, I, G, stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_ys, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    WFMT: tl.constexpr, DOT_FP32: tl.constexpr,
+    WFMT: tl.constexpr, GROUPS: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """y[split, slot] = routing weight * (h @ w2.T) over this split's share of I, for one
     (block, H-tile, split); fp32, in slot order. Splits are summed on the host side in a fixed
@@ -254,7 +287,7 @@ def _down(
         k = k0 + offs_k
         k_ok = k < k_end
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = _weight_tile(w_e, s_e, m_e, offs_n, n_ok, k, k_ok, stride_wn, stride_sn, I, G, WFMT)
+        w = _weight_tile(w_e, s_e, m_e, offs_n, n_ok, k0, k, k_ok, stride_wn, stride_sn, I, G, WFMT, GROUPS)
         acc = _mma(a, w, acc, DOT_FP32)
         a_ptrs += BLOCK_K
     acc = _row_scale(acc, s_e, offs_n, n_ok, stride_sn, WFMT)
@@ -267,7 +300,7 @@ def _down(
 def _linear(
     x_ptr, w_ptr, s_ptr, m_ptr, y_ptr, M, N, K, G, stride_xm, stride_wn, stride_sn, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WFMT: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    GROUPS: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """y = x @ w.T for a plain quantized Linear: the ``_down`` loop without experts or routing."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -281,7 +314,7 @@ def _linear(
         k = k0 + offs_k
         k_ok = k < K
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = _weight_tile(w_ptr, s_ptr, m_ptr, offs_n, n_ok, k, k_ok, stride_wn, stride_sn, K, G, WFMT)
+        w = _weight_tile(w_ptr, s_ptr, m_ptr, offs_n, n_ok, k0, k, k_ok, stride_wn, stride_sn, K, G, WFMT, GROUPS)
         acc = _mma(a, w, acc, DOT_FP32)
         a_ptrs += BLOCK_K
     acc = _row_scale(acc, s_ptr, offs_n, n_ok, stride_sn, WFMT)
@@ -418,7 +451,8 @@ def _run(x, ids, weights, w13: Weight, w2: Weight, config: MoeConfig | None) -> 
     w, s, m, swe, swn, sse, ssn, G, wfmt = w13.args()
     _gate_up[(blocks, triton.cdiv(I, c.block_n))](
         x, w, s, m, h, sorted_slots, block_expert, N * K, I, H, G, x.stride(0), swe, swn, sse, ssn, h.stride(0),
-        TOP_K=K, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, WFMT=wfmt, DOT_FP32=_DOT_FP32,
+        TOP_K=K, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, WFMT=wfmt,
+        GROUPS=_scale_groups(wfmt, G, c.block_k), DOT_FP32=_DOT_FP32,
         num_warps=c.num_warps, num_stages=c.num_stages)
 
     # Split-K over I for the down product: at decode its grid is only (2 blocks x H / BLOCK_N), too
@@ -430,7 +464,7 @@ def _run(x, ids, weights, w13: Weight, w2: Weight, config: MoeConfig | None) -> 
     _down[(blocks, triton.cdiv(H, c.block_n), c.split_k)](
         h, w, s, m, y, rw, sorted_slots, block_expert, N * K, H, I, G, h.stride(0), swe, swn, sse, ssn,
         y.stride(0), y.stride(1), BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, WFMT=wfmt,
-        DOT_FP32=_DOT_FP32, num_warps=c.num_warps, num_stages=c.num_stages)
+        GROUPS=_scale_groups(wfmt, G, c.block_k), DOT_FP32=_DOT_FP32, num_warps=c.num_warps, num_stages=c.num_stages)
     # Splits and top-k choices summed by a plain reduction: a fixed order, so results are
     # bit-for-bit reproducible (an atomic-add epilogue would not be).
     return y.view(c.split_k, N, K, H).sum(dim=(0, 2)).to(x.dtype)
@@ -460,8 +494,8 @@ def _linear_run(x: torch.Tensor, weight: list[torch.Tensor], config: MoeConfig |
     q, s, m, _, swn, _, ssn, G, wfmt = w.args()
     _linear[(triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n))](
         x, q, s, m, y, M, N, K, G, x.stride(0), swn, ssn, y.stride(0),
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, WFMT=wfmt, DOT_FP32=_DOT_FP32,
-        num_warps=c.num_warps, num_stages=c.num_stages)
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, WFMT=wfmt,
+        GROUPS=_scale_groups(wfmt, G, c.block_k), DOT_FP32=_DOT_FP32, num_warps=c.num_warps, num_stages=c.num_stages)
     return y
 
 

@@ -6,10 +6,11 @@ smallest power of two >= the number of tokens in the call. A missing key falls b
 ``default_config``; ``bench/gpu.py --tune`` measures candidates on the card and prints entries to
 paste here.
 
-Status: the entries below are *starting points chosen by reasoning, not measured* (the session that
-wrote them had no GPU). Decode (few tokens) is memory bound: one 16-row tile per expert, narrow N
-tiles so the weights are streamed by many programs at once. Prefill is compute bound: 64-128 row
-tiles and wide N tiles for tensor-core reuse.
+Status: the entries below are *starting points chosen by reasoning, not timed* (the sessions that
+wrote them had no GPU); each compiles for sm_90 (``bench/kernel_report.py``) within its shared
+memory and without spilling registers. Decode (few tokens) is memory bound: one 16-row tile per
+expert, narrow N tiles so the weights are streamed by many programs at once. Prefill is compute
+bound: 64-128 row tiles and wide N tiles for tensor-core reuse.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ _MIXTRAL_8X7B = {
     ("down", "bf16", 64): MoeConfig(16, 64, 128, 4, 4),
     ("gate_up", "bf16", 4096): MoeConfig(64, 128, 64, 8, 4),
     ("down", "bf16", 4096): MoeConfig(64, 128, 64, 8, 4),
+    # int4 (group 32) dequantizes in registers, so tiles that suit bf16 spill: these compile for
+    # sm_90 with no spills and 2 (gate_up) or 4 (down) programs per SM (bench/kernel_report.py).
+    ("gate_up", "int4", 1): MoeConfig(16, 64, 128, 8, 3),
+    ("down", "int4", 1): MoeConfig(16, 32, 128, 4, 4),
+    ("gate_up", "int4", 64): MoeConfig(16, 64, 128, 8, 3),
+    ("down", "int4", 64): MoeConfig(16, 32, 128, 4, 4),
 }
 
 CONFIGS: dict[tuple[str, str, int, int, int, int], MoeConfig] = {}
@@ -47,9 +54,11 @@ for (_kernel, _fmt, _bucket), _cfg in _MIXTRAL_8X7B.items():
 # The quantized attention projections (``quantized_linear``, E = 1): q|k|v (6144 x 4096) and o (4096 x 4096).
 # Decode has one 16-row tile, so parallelism comes from N alone: 32-wide tiles give 192 and 128
 # programs for the 132 SMs of an H100 (64-wide would leave a third of them idle on o_proj).
+# int4 takes half the K depth: with 256 it needed 254 registers per thread under Triton 3.6 (the
+# lent GPUs' version), with 128 it needs 127 and four programs fit per SM (bench/kernel_report.py).
 for _n in (6144, 4096):
-    for _fmt in ("int8", "int4"):
-        CONFIGS[("linear", _fmt, 1, 1, _n, 4096)] = MoeConfig(16, 32, 256, 4, 4)
+    CONFIGS[("linear", "int8", 1, 1, _n, 4096)] = MoeConfig(16, 32, 256, 4, 4)
+    CONFIGS[("linear", "int4", 1, 1, _n, 4096)] = MoeConfig(16, 32, 128, 4, 4)
 
 
 def tokens_bucket(num_tokens: int) -> int:
@@ -66,11 +75,19 @@ def default_config(num_tokens: int, top_k: int, num_experts: int) -> MoeConfig:
     return MoeConfig(64, 128, 64, 8, 4)
 
 
+# A table entry serves token counts up to this many powers of two from its bucket. Further away the
+# regime may differ (a decode entry's 16-row tiles would re-read each expert's weights 64 times
+# for a 4096-token prefill), so the heuristic answers instead.
+NEAREST_BUCKET_REACH = 2
+
+
 def get_config(kernel: str, fmt: str, num_tokens: int, top_k: int, E: int, N: int, K: int) -> MoeConfig:
-    """The table's entry whose tokens bucket is nearest ``num_tokens`` (in powers of two)."""
+    """The table's entry whose tokens bucket is nearest ``num_tokens`` (in powers of two), if within
+    ``NEAREST_BUCKET_REACH``; otherwise ``default_config``."""
     key = (kernel, fmt, E, N, K)
     entries = {b: c for (kn, f, b, e, n, k), c in CONFIGS.items() if (kn, f, e, n, k) == key}
-    if not entries:
-        return default_config(num_tokens, top_k, E)
     want = tokens_bucket(num_tokens).bit_length()
-    return entries[min(entries, key=lambda b: (abs(b.bit_length() - want), b))]
+    near = [b for b in entries if abs(b.bit_length() - want) <= NEAREST_BUCKET_REACH]
+    if not near:
+        return default_config(num_tokens, top_k, E)
+    return entries[min(near, key=lambda b: (abs(b.bit_length() - want), b))]

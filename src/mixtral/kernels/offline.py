@@ -1,0 +1,244 @@
+"""Compile the Triton kernels for a GPU on a machine without one, and report what the compiler made.
+
+The interpreter (``TRITON_INTERPRET=1``) checks what a kernel computes, not whether it compiles: it
+runs the kernel as Python, so errors only the compiler raises (it type-checks every ``return`` of a
+function, even one a constexpr rules out) and resource limits (shared memory, registers) never show
+there. Here the host code of a call runs as usual on CPU tensors; each Triton launch is intercepted
+before it would compile (Triton's ``jit_cache_hook``, which sees the exact specialisation a real
+launch gets: argument types, 16-byte alignment, constexprs, warps, stages), and is then compiled by
+``triton.compile`` for a named GPU architecture. Nothing runs on a device and no driver is needed:
+the wheel's own ptxas assembles, its cuobjdump reads registers and stack.
+
+What a report says, per kernel: shared memory and registers against the architecture's limits, stack
+(spilled registers), how many programs fit on one SM, the tensor-core instruction the dots became, and
+the global loads by width (16-byte ``cp.async``/``ld.global.v4`` moves weights at full rate; 2-byte
+scalar loads cost one instruction per element). Run ``python bench/kernel_report.py`` for the table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.backends.driver import DriverBase
+from triton.compiler import ASTSource
+from triton.runtime.driver import driver
+
+# Per-SM limits from NVIDIA's CUDA C programming guide (compute capability table): max dynamic
+# shared memory per block, shared memory per SM, 32-bit registers per SM, resident threads per SM.
+ARCH_LIMITS = {
+    80: dict(shared_per_block=163 * 1024, shared_per_sm=164 * 1024, regs_per_sm=65536, threads_per_sm=2048),
+    86: dict(shared_per_block=99 * 1024, shared_per_sm=100 * 1024, regs_per_sm=65536, threads_per_sm=1536),
+    89: dict(shared_per_block=99 * 1024, shared_per_sm=100 * 1024, regs_per_sm=65536, threads_per_sm=1536),
+    90: dict(shared_per_block=227 * 1024, shared_per_sm=228 * 1024, regs_per_sm=65536, threads_per_sm=2048),
+}
+
+
+@dataclass
+class CompiledKernel:
+    """One kernel specialisation as compiled for ``arch`` (compute capability, e.g. 90 = H100/H200)."""
+    name: str
+    arch: int
+    constants: dict[str, object]
+    num_warps: int
+    num_stages: int
+    shared_bytes: int
+    registers: int
+    stack_bytes: int  # local memory per thread: spilled registers (0 is the healthy value)
+    mma: str  # "wgmma", "mma.sync" or "none" (products on CUDA cores)
+    loads: Counter = field(default_factory=Counter)  # global loads in the PTX: {(kind, bytes): count}
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.num_warps
+
+    def fits(self) -> bool:
+        return self.shared_bytes <= ARCH_LIMITS[self.arch]["shared_per_block"] and self.registers <= 255
+
+    def programs_per_sm(self) -> int:
+        """Resident programs per SM: the tightest of shared memory, registers and threads."""
+        lim = ARCH_LIMITS[self.arch]
+        by_shared = lim["shared_per_sm"] // max(self.shared_bytes, 1)
+        # Registers are allocated per warp in units of 256 (8 per thread, rounded up).
+        regs_per_warp = -(-self.registers * 32 // 256) * 256
+        by_regs = lim["regs_per_sm"] // (regs_per_warp * self.num_warps)
+        return min(by_shared, by_regs, lim["threads_per_sm"] // self.threads, 32)
+
+    def load_bytes(self, width: int | None = None) -> int:
+        """Bytes per thread moved by global loads in the kernel's PTX (of one width, if given)."""
+        return sum(n * b for (_, b), n in self.loads.items() if width is None or b == width)
+
+
+class _NoDevice(DriverBase):
+    """A stand-in for the CUDA driver: reports the target and never launches (see ``_compile_hook``)."""
+
+    def __init__(self, target: GPUTarget) -> None:
+        self.target = target
+
+    @classmethod
+    def is_active(cls) -> bool:
+        return False
+
+    def map_python_to_cpp_type(self, ty: str) -> str:
+        raise NotImplementedError
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def get_benchmarker(self):
+        raise NotImplementedError("nothing can be timed without a GPU")
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+
+@contextlib.contextmanager
+def capture_launches(arch: int = 90) -> Iterator[list[tuple[object, dict]]]:
+    """Within the block, Triton launches are recorded (kernel, specialisation) instead of compiled
+    and run. Kernels must be compiled ones (under ``TRITON_INTERPRET=1`` there is nothing to capture)
+    and not yet launched on a real GPU in this process (those would run from the JIT's cache)."""
+    launches: list[tuple[object, dict]] = []
+
+    def hook(*, fn, compile, **_) -> bool:
+        launches.append((fn.jit_function, compile))
+        return True  # "handled": the JIT neither compiles nor launches
+
+    previous_hook = knobs.runtime.jit_cache_hook
+    driver.set_active(_NoDevice(GPUTarget("cuda", arch, 32)))
+    knobs.runtime.jit_cache_hook = hook
+    try:
+        yield launches
+    finally:
+        knobs.runtime.jit_cache_hook = previous_hook
+        driver.reset_active() if _has_default_driver() else setattr(driver, "_active", None)
+        for kernel, _ in launches:  # each kernel cached the stand-in's target for device 0
+            kernel.device_caches.clear()
+
+
+def _has_default_driver() -> bool:
+    try:
+        driver.default  # noqa: B018 - raises without an active GPU backend
+    except RuntimeError:
+        return False
+    return True
+
+
+def _tool(name: str) -> str:
+    from triton.backends import nvidia
+    return os.path.join(os.path.dirname(nvidia.__file__), "bin", name)
+
+
+def _global_loads(ptx: str) -> Counter:
+    """{(instruction, bytes per thread): count} for the loads from global memory in ``ptx``."""
+    loads: Counter = Counter()
+    for line in ptx.splitlines():
+        line = line.strip()
+        m = re.search(r"\b(ld\.global[.a-z0-9]*|cp\.async\.c[ag]\.shared\.global[.a-z0-9]*)\s", line)
+        if not m:
+            continue
+        op = m.group(1)
+        if op.startswith("cp.async"):
+            size = int(line.rstrip(";").split(",")[2].strip(), 0)
+        else:
+            vec = re.search(r"\.v(\d)", op)
+            bits = re.search(r"\.[bsuf](8|16|32|64)\b", op)
+            size = (int(vec.group(1)) if vec else 1) * int(bits.group(1)) // 8
+        loads[("cp.async" if op.startswith("cp.async") else "ld.global", size)] += 1
+    return loads
+
+
+def compile_launch(kernel, spec: dict, arch: int) -> CompiledKernel:
+    """Compile one captured launch for ``arch`` and read back its resources."""
+    src = ASTSource(kernel, spec["signature"], spec["constants"], spec["configs"][0])
+    options = dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"], num_ctas=spec["num_ctas"])
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True,
+                               check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1)) + int(re.search(r"LOCAL:(\d+)", usage).group(1))
+    ptx = compiled.asm["ptx"]
+    mma = "wgmma" if "wgmma." in ptx else "mma.sync" if "mma.sync" in ptx else "none"
+    names = kernel.arg_names
+    constants = {names[k[0]]: v for k, v in spec["constants"].items() if len(k) == 1}
+    return CompiledKernel(kernel.__name__, arch, constants, spec["num_warps"], spec["num_stages"],
+                          compiled.metadata.shared, regs, stack, mma, _global_loads(ptx))
+
+
+def compile_calls(call: Callable[[], object], arch: int = 90) -> list[CompiledKernel]:
+    """Run ``call`` (host code launching Triton kernels on CPU tensors) and compile each distinct
+    launch it makes for ``arch``."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("offline compilation needs TRITON_INTERPRET unset: interpreted kernels have no "
+                           "compiled form to capture")
+    with capture_launches(arch) as launches:
+        call()
+    seen, out = set(), []
+    for kernel, spec in launches:
+        key = (kernel.__name__, str(spec["key"]))
+        if key not in seen:
+            seen.add(key)
+            out.append(compile_launch(kernel, spec, arch))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The launches of a Mixtral layer
+# ---------------------------------------------------------------------------------------------
+def moe_call(fmt: str, tokens: int, E: int = 8, H: int = 4096, I: int = 14336, top_k: int = 2,
+             group: int = 32) -> Callable[[], object]:
+    """The experts of one layer on ``tokens`` rows, weights in ``fmt`` (bf16 | int8 | int4), tensors
+    allocated but never written (pages of ``torch.empty`` are not touched)."""
+    from .fused_moe import fused_experts, fused_experts_quantized
+
+    def weight(n: int, k: int) -> list[torch.Tensor]:
+        if fmt == "int8":
+            return [torch.empty(E, n, k, dtype=torch.int8), torch.empty(E, n, dtype=torch.float32)]
+        return [torch.empty(E, n, k // 2, dtype=torch.uint8), torch.empty(E, n, k // group, dtype=torch.float16),
+                torch.empty(E, n, k // group, dtype=torch.float16)]
+
+    def call():
+        x = torch.empty(tokens, H, dtype=torch.bfloat16)
+        ids = (torch.arange(tokens * top_k) % E).view(tokens, top_k)
+        weights = torch.full((tokens, top_k), 1.0 / top_k)
+        if fmt == "bf16":
+            return fused_experts(x, ids, weights, torch.empty(E, 2 * I, H, dtype=torch.bfloat16),
+                                 torch.empty(E, H, I, dtype=torch.bfloat16))
+        return fused_experts_quantized(x, ids, weights, weight(2 * I, H), weight(H, I))
+
+    return call
+
+
+def linear_call(fmt: str, tokens: int, N: int, K: int = 4096, group: int = 32) -> Callable[[], object]:
+    """A quantized attention projection (``quantized_linear``) on ``tokens`` rows."""
+    from .fused_moe import quantized_linear
+
+    def call():
+        x = torch.empty(tokens, K, dtype=torch.bfloat16)
+        if fmt == "int8":
+            w = [torch.empty(N, K, dtype=torch.int8), torch.empty(N, dtype=torch.float32)]
+        else:
+            w = [torch.empty(N, K // 2, dtype=torch.uint8), torch.empty(N, K // group, dtype=torch.float16),
+                 torch.empty(N, K // group, dtype=torch.float16)]
+        return quantized_linear(x, w)
+
+    return call
