@@ -4,7 +4,10 @@ Every launch of one layer's experts (bf16, int8, int4 weights; 1 to 4096 tokens)
 attention projections runs its host code on CPU tensors; each Triton launch is compiled for the
 named architecture (``mixtral.kernels.offline``) and reported: block sizes, shared memory and
 registers against the SM's limits, stack (spilled registers), programs resident per SM, the
-tensor-core instruction, and the share of global-load bytes moved by 16-byte instructions.
+tensor-core instruction, the share of global-load bytes moved by 16-byte instructions, the SASS
+instructions of the K loop, and the weight bytes the loop reads per cycle of instruction issue: an
+SM issues four warp instructions a cycle, so a loop that reads fewer bytes per cycle than the SM's
+share of HBM bandwidth is bound by instructions, not memory, whatever the block sizes.
 
     python bench/kernel_report.py                 # sm_90 (H100, H200)
     python bench/kernel_report.py --arch 80       # sm_80 (A100)
@@ -28,6 +31,18 @@ from mixtral.quant import TRITON_LINEAR_MAX_ROWS  # noqa: E402
 
 FORMATS = ("bf16", "int8", "int4")
 TOKENS = (1, 8, 64, 4096)
+# Weight bytes per element as stored: int4 adds an fp16 scale and min per group of 32.
+WEIGHT_BYTES = {"bf16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 32}
+# HBM bytes each SM must take per cycle for a kernel to run at the card's bandwidth (datasheet
+# bandwidth / SMs / boost clock): a kernel issuing fewer weight bytes per cycle cannot get there.
+SM_SHARE = {90: {"H100 SXM": 3.35e12 / 132 / 1.98e9, "H200": 4.8e12 / 132 / 1.98e9},
+            80: {"A100 80GB SXM": 2.04e12 / 108 / 1.41e9}}
+
+
+def weight_bytes_per_iteration(fmt: str, kernel: str, constants: dict) -> float:
+    """Weight bytes one program reads per iteration of its K loop (gate_up reads w1 and w3 tiles)."""
+    tiles = 2 if kernel == "_gate_up" else 1
+    return tiles * constants["BLOCK_K"] * constants["BLOCK_N"] * WEIGHT_BYTES[fmt]
 
 
 def cases(formats=FORMATS, tokens=TOKENS):
@@ -51,9 +66,11 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args()
     limit = ARCH_LIMITS[args.arch]["shared_per_block"] // 1024
-    print(f"sm_{args.arch}: shared memory per block <= {limit} KiB, 255 registers per thread")
+    shares = ", ".join(f"{card} {b:.1f}" for card, b in SM_SHARE[args.arch].items())
+    print(f"sm_{args.arch}: shared memory per block <= {limit} KiB, 255 registers per thread; "
+          f"HBM bytes per SM-cycle: {shares}")
     print(f"{'case':<14} {'tokens':>6}  {'kernel':<13} {'BM BN BK w s':<16} {'shared':>8} {'regs':>4} "
-          f"{'stack':>5} {'prog/SM':>7} {'mma':<8} {'16B share':>9}")
+          f"{'stack':>5} {'prog/SM':>7} {'mma':<8} {'16B share':>9} {'loop':>5} {'B/cycle':>7}")
     rows, bad, t0 = [], 0, time.perf_counter()
     for case, n, call in cases(tuple(args.format or FORMATS), tuple(args.tokens or TOKENS)):
         for k in compile_calls(call, args.arch):
@@ -62,15 +79,21 @@ def main() -> None:
                     f"{k.num_stages}"
             # Static: each load instruction in the PTX counts once, in the loop or not.
             wide = k.load_bytes(16) / max(k.load_bytes(), 1)
+            # Weight bytes per cycle of instruction issue (one SM): compare with the HBM share above.
+            fmt = case.split()[-1]
+            per_cycle = (weight_bytes_per_iteration(fmt, k.name, c) / k.issue_cycles()
+                         if k.name != "_align_kernel" and k.loop_instructions else None)
             ok = k.fits() and k.stack_bytes == 0
             bad += not ok
             print(f"{case:<14} {n:>6}  {k.name:<13} {tiles:<16} {k.shared_bytes / 1024:>6.0f}Ki {k.registers:>4} "
-                  f"{k.stack_bytes:>5} {k.programs_per_sm():>7} {k.mma:<8} {wide:>8.0%}{'' if ok else '  <-- !'}")
+                  f"{k.stack_bytes:>5} {k.programs_per_sm():>7} {k.mma:<8} {wide:>8.0%} {k.loop_instructions:>5} "
+                  f"{'-' if per_cycle is None else f'{per_cycle:.1f}':>7}{'' if ok else '  <-- !'}")
             rows.append(dict(case=case, tokens=n, kernel=k.name, constants={a: v for a, v in c.items()
                              if isinstance(v, (int, float, bool))}, num_warps=k.num_warps,
                              num_stages=k.num_stages, shared=k.shared_bytes, registers=k.registers,
                              stack=k.stack_bytes, programs_per_sm=k.programs_per_sm(), mma=k.mma,
-                             wide_load_share=wide, ok=ok))
+                             wide_load_share=wide, loop_instructions=k.loop_instructions,
+                             weight_bytes_per_issue_cycle=per_cycle, ok=ok))
     print(f"{len(rows)} kernels compiled for sm_{args.arch} in {time.perf_counter() - t0:.0f} s; "
           f"{bad} do not fit or spill")
     if args.json:

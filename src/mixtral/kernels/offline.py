@@ -7,12 +7,14 @@ there. Here the host code of a call runs as usual on CPU tensors; each Triton la
 before it would compile (Triton's ``jit_cache_hook``, which sees the exact specialisation a real
 launch gets: argument types, 16-byte alignment, constexprs, warps, stages), and is then compiled by
 ``triton.compile`` for a named GPU architecture. Nothing runs on a device and no driver is needed:
-the wheel's own ptxas assembles, its cuobjdump reads registers and stack.
+the wheel's own ptxas assembles, its cuobjdump reads registers and stack, its nvdisasm the SASS.
 
 What a report says, per kernel: shared memory and registers against the architecture's limits, stack
-(spilled registers), how many programs fit on one SM, the tensor-core instruction the dots became, and
+(spilled registers), how many programs fit on one SM, the tensor-core instruction the dots became,
 the global loads by width (16-byte ``cp.async``/``ld.global.v4`` moves weights at full rate; 2-byte
-scalar loads cost one instruction per element). Run ``python bench/kernel_report.py`` for the table.
+scalar loads cost one instruction per element), and the SASS instructions of the main loop, from
+which ``issue_cycles`` bounds how fast an SM can stream a kernel's weights. Run
+``python bench/kernel_report.py`` for the table.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class CompiledKernel:
     stack_bytes: int  # local memory per thread: spilled registers (0 is the healthy value)
     mma: str  # "wgmma", "mma.sync" or "none" (products on CUDA cores)
     loads: Counter = field(default_factory=Counter)  # global loads in the PTX: {(kind, bytes): count}
+    loop_instructions: int = 0  # SASS instructions in the main loop's body, per warp and iteration
 
     @property
     def threads(self) -> int:
@@ -73,6 +76,12 @@ class CompiledKernel:
         regs_per_warp = -(-self.registers * 32 // 256) * 256
         by_regs = lim["regs_per_sm"] // (regs_per_warp * self.num_warps)
         return min(by_shared, by_regs, lim["threads_per_sm"] // self.threads, 32)
+
+    def issue_cycles(self) -> float:
+        """SM cycles to issue one iteration of the main loop for all the program's warps: an SM's four
+        schedulers issue one warp instruction each per cycle. A memory-bound kernel must move its
+        bytes faster than this, or instruction issue, not bandwidth, sets its speed."""
+        return self.loop_instructions * self.num_warps / 4
 
     def load_bytes(self, width: int | None = None) -> int:
         """Bytes per thread moved by global loads in the kernel's PTX (of one width, if given)."""
@@ -163,6 +172,20 @@ def _global_loads(ptx: str) -> Counter:
     return loads
 
 
+def _loop_instructions(sass: str) -> int:
+    """Instructions of the longest loop in ``sass`` (``nvdisasm`` output): from a label to the
+    branch back to it. The K loop of a GEMM kernel is its longest."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*\.(L_x_\d+):", line))}
+    longest = 0
+    for i, line in enumerate(lines):
+        m = re.search(r"\bBRA\s+`?\(?\.(L_x_\d+)", line)
+        if m and labels.get(m.group(1), i) < i:
+            body = [x for x in lines[labels[m.group(1)]:i + 1] if re.match(r"\s*/\*[0-9a-f]{4,}\*/", x)]
+            longest = max(longest, len(body))
+    return longest
+
+
 def compile_launch(kernel, spec: dict, arch: int) -> CompiledKernel:
     """Compile one captured launch for ``arch`` and read back its resources."""
     src = ASTSource(kernel, spec["signature"], spec["constants"], spec["configs"][0])
@@ -174,6 +197,7 @@ def compile_launch(kernel, spec: dict, arch: int) -> CompiledKernel:
             f.write(compiled.asm["cubin"])
         usage = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True,
                                check=True).stdout
+        sass = subprocess.run([_tool("nvdisasm"), "-c", cubin], capture_output=True, text=True, check=True).stdout
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     stack = int(re.search(r"STACK:(\d+)", usage).group(1)) + int(re.search(r"LOCAL:(\d+)", usage).group(1))
     ptx = compiled.asm["ptx"]
@@ -181,7 +205,7 @@ def compile_launch(kernel, spec: dict, arch: int) -> CompiledKernel:
     names = kernel.arg_names
     constants = {names[k[0]]: v for k, v in spec["constants"].items() if len(k) == 1}
     return CompiledKernel(kernel.__name__, arch, constants, spec["num_warps"], spec["num_stages"],
-                          compiled.metadata.shared, regs, stack, mma, _global_loads(ptx))
+                          compiled.metadata.shared, regs, stack, mma, _global_loads(ptx), _loop_instructions(sass))
 
 
 def compile_calls(call: Callable[[], object], arch: int = 90) -> list[CompiledKernel]:
