@@ -4,8 +4,8 @@ Every launch of one layer's experts (bf16, int8, int4 weights; 1 to 4096 tokens)
 attention projections runs its host code on CPU tensors; each Triton launch is compiled for the
 named architecture (``mixtral.kernels.offline``) and reported: block sizes, shared memory and
 registers against the SM's limits, stack (spilled registers), programs resident per SM, the
-tensor-core instruction, the share of global-load bytes moved by 16-byte instructions, the SASS
-instructions of the K loop, and the weight bytes the loop reads per cycle of instruction issue: an
+tensor-core instruction, the share of the K loop's global-load bytes moved by 16-byte instructions,
+the SASS instructions of the K loop, and the weight bytes the loop reads per cycle of instruction issue: an
 SM issues four warp instructions a cycle, so a loop that reads fewer bytes per cycle than the SM's
 share of HBM bandwidth is bound by instructions, not memory, whatever the block sizes.
 
@@ -77,7 +77,7 @@ def main() -> None:
             c = k.constants
             tiles = f"{c.get('BLOCK_M', '-')} {c.get('BLOCK_N', '-')} {c.get('BLOCK_K', '-')} {k.num_warps} " \
                     f"{k.num_stages}"
-            # Static: each load instruction in the PTX counts once, in the loop or not.
+            # Of the bytes the K loop's global loads move per iteration, the share in 16-byte loads.
             wide = k.load_bytes(16) / max(k.load_bytes(), 1)
             # Weight bytes per cycle of instruction issue (one SM): compare with the HBM share above.
             fmt = case.split()[-1]

@@ -4,8 +4,9 @@ The interpreter tests (test_kernels.py) check what the kernels compute; they can
 the compiler checks: return types across constexpr branches, shared memory and registers. Here
 ``bench/kernel_report.py`` compiles Mixtral-8x7B's launches (``mixtral.kernels.offline``: Triton's
 own compiler and the ptxas it ships with; nothing runs) and each kernel is held to NVIDIA's per-SM
-limits: it fits, does not spill registers, uses tensor cores, and reads its tiles mostly through
-16-byte loads (a per-element gather of weights or scales would pull that share down); and the
+limits: it fits, does not spill registers, uses tensor cores, and its K loop reads mostly through
+16-byte loads (a per-element gather of weights or scales pulls that share down: int4's per-weight
+scale loads had it at 24%); and the
 decode loops of the bf16 and int8 experts issue their weight bytes faster than HBM delivers them.
 """
 
@@ -48,7 +49,7 @@ def _report(tmp_path: Path, arch: int, tokens: list[int]) -> list[dict]:
     return json.loads(out.read_text())["rows"]
 
 
-@pytest.mark.parametrize("arch,tokens", [(90, [1, 4096]), (80, [1])])
+@pytest.mark.parametrize("arch,tokens", [(90, [1, 4096]), (80, [1, 4096])])
 def test_mixtral_kernels_compile_fit_and_do_not_spill(tmp_path, arch, tokens):
     rows = _report(tmp_path, arch, tokens)
     seen = {(r["case"], r["tokens"], r["kernel"]) for r in rows}
@@ -66,7 +67,8 @@ def test_mixtral_kernels_compile_fit_and_do_not_spill(tmp_path, arch, tokens):
         assert r["mma"] != "none", f"{where}: tl.dot did not become a tensor-core instruction"
         if arch == 90 and r["constants"]["BLOCK_M"] >= 64:
             assert r["mma"] == "wgmma", f"{where}: Hopper prefill tiles should use wgmma"
-        assert r["wide_load_share"] >= 0.6, f"{where}: only {r['wide_load_share']:.0%} of load bytes are 16-byte"
+        assert r["wide_load_share"] >= 0.85, f"{where}: only {r['wide_load_share']:.0%} of the K loop's load " \
+                                             f"bytes are 16-byte"
         # Decode is memory bound: the K loop must issue its weight bytes faster than an H100 SM's
         # share of HBM (3.35 TB/s / 132 SMs / 1.98 GHz = 12.8 B per cycle), or instruction issue
         # caps the speed below the roofline. The targets' formats (bf16, int8) must clear it; int4

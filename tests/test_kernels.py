@@ -364,12 +364,12 @@ def test_config_table_lookup():
     prefill = get_config("gate_up", "bf16", 4096, 2, 8, 2 * 14336, 4096)
     assert decode.block_m == 16 and prefill.block_m >= 64
     assert get_config("down", "bf16", 5, 2, 4, 48, 40).block_m == 16  # not in the table: heuristic
-    # Only decode entries for int8: a prefill must not borrow their 16-row tiles (bucket 1 is 12
-    # powers of two away from 4096); the heuristic's prefill tiles answer instead.
-    assert get_config("gate_up", "int8", 1, 2, 8, 2 * 14336, 4096).block_m == 16
-    assert get_config("gate_up", "int8", 4096, 2, 8, 2 * 14336, 4096) == default_config(4096, 2, 8)
+    # Only decode entries for int4 (buckets 1 and 64): a prefill must not borrow their 16-row tiles
+    # (bucket 64 is 6 powers of two away from 4096); the heuristic's prefill tiles answer instead.
+    assert get_config("gate_up", "int4", 1, 2, 8, 2 * 14336, 4096).block_m == 16
+    assert get_config("gate_up", "int4", 4096, 2, 8, 2 * 14336, 4096) == default_config(4096, 2, 8)
     assert default_config(4096, 2, 8).block_m >= 64
-    assert get_config("gate_up", "int8", 4, 2, 8, 2 * 14336, 4096).block_m == 16  # near bucket 1: its entry
+    assert get_config("gate_up", "int4", 4, 2, 8, 2 * 14336, 4096).block_m == 16  # near bucket 1: its entry
 
 
 # --- attention --------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ the wheel's own ptxas assembles, its cuobjdump reads registers and stack, its nv
 
 What a report says, per kernel: shared memory and registers against the architecture's limits, stack
 (spilled registers), how many programs fit on one SM, the tensor-core instruction the dots became,
-the global loads by width (16-byte ``cp.async``/``ld.global.v4`` moves weights at full rate; 2-byte
-scalar loads cost one instruction per element), and the SASS instructions of the main loop, from
-which ``issue_cycles`` bounds how fast an SM can stream a kernel's weights. Run
+and, from the SASS of the main loop: its instructions (``issue_cycles`` bounds how fast an SM can
+stream a kernel's weights) and its global loads by width (16-byte ``LDGSTS``/``LDG.128`` move
+weights at full rate; 2-byte scalar loads cost one instruction per element). Run
 ``python bench/kernel_report.py`` for the table.
 """
 
@@ -58,8 +58,8 @@ class CompiledKernel:
     registers: int
     stack_bytes: int  # local memory per thread: spilled registers (0 is the healthy value)
     mma: str  # "wgmma", "mma.sync" or "none" (products on CUDA cores)
-    loads: Counter = field(default_factory=Counter)  # global loads in the PTX: {(kind, bytes): count}
     loop_instructions: int = 0  # SASS instructions in the main loop's body, per warp and iteration
+    loop_loads: Counter = field(default_factory=Counter)  # global loads in that body: {bytes: count}
 
     @property
     def threads(self) -> int:
@@ -84,8 +84,8 @@ class CompiledKernel:
         return self.loop_instructions * self.num_warps / 4
 
     def load_bytes(self, width: int | None = None) -> int:
-        """Bytes per thread moved by global loads in the kernel's PTX (of one width, if given)."""
-        return sum(n * b for (_, b), n in self.loads.items() if width is None or b == width)
+        """Bytes per thread and iteration moved by the main loop's global loads (of one width, if given)."""
+        return sum(n * b for b, n in self.loop_loads.items() if width is None or b == width)
 
 
 class _NoDevice(DriverBase):
@@ -153,37 +153,32 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(nvidia.__file__), "bin", name)
 
 
-def _global_loads(ptx: str) -> Counter:
-    """{(instruction, bytes per thread): count} for the loads from global memory in ``ptx``."""
-    loads: Counter = Counter()
-    for line in ptx.splitlines():
-        line = line.strip()
-        m = re.search(r"\b(ld\.global[.a-z0-9]*|cp\.async\.c[ag]\.shared\.global[.a-z0-9]*)\s", line)
-        if not m:
-            continue
-        op = m.group(1)
-        if op.startswith("cp.async"):
-            size = int(line.rstrip(";").split(",")[2].strip(), 0)
-        else:
-            vec = re.search(r"\.v(\d)", op)
-            bits = re.search(r"\.[bsuf](8|16|32|64)\b", op)
-            size = (int(vec.group(1)) if vec else 1) * int(bits.group(1)) // 8
-        loads[("cp.async" if op.startswith("cp.async") else "ld.global", size)] += 1
-    return loads
-
-
-def _loop_instructions(sass: str) -> int:
+def _loop_body(sass: str) -> list[str]:
     """Instructions of the longest loop in ``sass`` (``nvdisasm`` output): from a label to the
     branch back to it. The K loop of a GEMM kernel is its longest."""
     lines = sass.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*\.(L_x_\d+):", line))}
-    longest = 0
+    longest: list[str] = []
     for i, line in enumerate(lines):
         m = re.search(r"\bBRA\s+`?\(?\.(L_x_\d+)", line)
         if m and labels.get(m.group(1), i) < i:
             body = [x for x in lines[labels[m.group(1)]:i + 1] if re.match(r"\s*/\*[0-9a-f]{4,}\*/", x)]
-            longest = max(longest, len(body))
+            longest = max(longest, body, key=len)
     return longest
+
+
+# SASS global loads (LDG, and LDGSTS: global to shared, cp.async) and their width suffixes.
+_LOAD_OP = re.compile(r"\b(LDG|LDGSTS)((?:\.[A-Z0-9_]+)*)\s")
+_LOAD_WIDTH = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+
+
+def _loop_loads(body: list[str]) -> Counter:
+    loads: Counter = Counter()
+    for line in body:
+        if m := _LOAD_OP.search(line):
+            widths = [_LOAD_WIDTH[x] for x in m.group(2).split(".") if x in _LOAD_WIDTH]
+            loads[widths[-1] if widths else 4] += 1
+    return loads
 
 
 def compile_launch(kernel, spec: dict, arch: int) -> CompiledKernel:
@@ -202,10 +197,11 @@ def compile_launch(kernel, spec: dict, arch: int) -> CompiledKernel:
     stack = int(re.search(r"STACK:(\d+)", usage).group(1)) + int(re.search(r"LOCAL:(\d+)", usage).group(1))
     ptx = compiled.asm["ptx"]
     mma = "wgmma" if "wgmma." in ptx else "mma.sync" if "mma.sync" in ptx else "none"
+    body = _loop_body(sass)
     names = kernel.arg_names
     constants = {names[k[0]]: v for k, v in spec["constants"].items() if len(k) == 1}
     return CompiledKernel(kernel.__name__, arch, constants, spec["num_warps"], spec["num_stages"],
-                          compiled.metadata.shared, regs, stack, mma, _global_loads(ptx), _loop_instructions(sass))
+                          compiled.metadata.shared, regs, stack, mma, len(body), _loop_loads(body))
 
 
 def compile_calls(call: Callable[[], object], arch: int = 90) -> list[CompiledKernel]:
