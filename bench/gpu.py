@@ -208,8 +208,14 @@ def bench_transformers(layers: int, batch: int, steps: int) -> dict | None:
                 prompt_logits_rel_err=rel_err)
 
 
-def _best(name: str, current: MoeConfig, candidates, run, deadline: float) -> dict:
-    """Time ``current`` (the table's entry) first, then candidates until ``deadline``."""
+def _as_dict(c) -> dict:
+    """A config, or a (gate_up, down) pair of them, for the JSON."""
+    return c._asdict() if isinstance(c, MoeConfig) else {"gate_up": c[0]._asdict(), "down": c[1]._asdict()}
+
+
+def _best(name: str, current, candidates, run, deadline: float) -> dict:
+    """Time ``current`` (the table's entry, or its (gate_up, down) pair) first, then candidates
+    until ``deadline``."""
     timed = {}
     for c in [current] + [c for c in candidates if c != current]:
         if c is not current and time.perf_counter() > deadline:
@@ -221,8 +227,8 @@ def _best(name: str, current: MoeConfig, candidates, run, deadline: float) -> di
     best = min(timed, key=timed.get)
     print(f"tune {name}: table {timed.get(current, float('nan')) * 1e6:.1f} us, best {best} "
           f"{timed[best] * 1e6:.1f} us ({len(timed)}/{len(candidates) + 1} tried)")
-    return dict(case=name, table=current._asdict(), table_us=timed.get(current, float("nan")) * 1e6,
-                best=best._asdict(), us=timed[best] * 1e6, tried=len(timed), candidates=len(candidates) + 1)
+    return dict(case=name, table=_as_dict(current), table_us=timed.get(current, float("nan")) * 1e6,
+                best=_as_dict(best), us=timed[best] * 1e6, tried=len(timed), candidates=len(candidates) + 1)
 
 
 def tune(fmt: str, budget_s: float) -> list[dict]:
@@ -252,8 +258,9 @@ def tune(fmt: str, budget_s: float) -> list[dict]:
         fits = decode if N <= 64 else prefill
         if N <= 8:  # few programs in the down product: try splitting its K (I) two and four ways
             fits = fits + [c._replace(split_k=sk) for c in fits for sk in (2, 4)]
-        # One config for both products when tuning (the table may hold different ones per product).
-        current = get_config("gate_up", fmt, N, 2, E, 2 * I, H)
+        # The table's (gate_up, down) pair first, as the model would run it; candidates use one
+        # config for both products (they share block_m anyway).
+        current = (get_config("gate_up", fmt, N, 2, E, 2 * I, H), get_config("down", fmt, N, 2, E, H, I))
         rows.append(_best(f"{fmt} experts N={N}", current, fits,
                           lambda c, x=x, ids=ids, w=w: experts(x, ids, w, c), deadline))
     if fmt != "bf16":

@@ -95,6 +95,7 @@ CASES = [
     (3, 8, 2, torch.float32, SPLIT),
     (33, 8, 2, torch.bfloat16, SPLIT),
     (257, 8, 2, torch.float32, LARGE),
+    (33, 4, 2, torch.float32, (LARGE, SPLIT)),  # a (gate_up, down) pair: down takes gate_up's block_m
 ]
 
 

@@ -397,9 +397,16 @@ def _check(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Weigh
     w2.check("down")
 
 
-def _configs(fmt: str, N: int, K: int, E: int, I: int, H: int, config):
-    if config is not None:
+# An explicit config for the experts: one for both products, or a (gate_up, down) pair (tuning
+# compares the table's pair with candidates). Both products share the gate_up config's block_m.
+ExpertsConfig = MoeConfig | tuple[MoeConfig, MoeConfig]
+
+
+def _configs(fmt: str, N: int, K: int, E: int, I: int, H: int, config: ExpertsConfig | None):
+    if isinstance(config, MoeConfig):
         return config, config
+    if config is not None:
+        return config
     return (get_config("gate_up", fmt, N, K, E, 2 * I, H), get_config("down", fmt, N, K, E, H, I))
 
 
@@ -410,7 +417,7 @@ def fused_experts(
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     act=F.silu,
-    config: MoeConfig | None = None,
+    config: ExpertsConfig | None = None,
 ) -> torch.Tensor:
     """The experts' common signature on the Triton kernels (SiLU experts only)."""
     if act is not F.silu:
@@ -426,7 +433,7 @@ def fused_experts_quantized(
     weights: torch.Tensor,
     gate_up: list[torch.Tensor],
     down: list[torch.Tensor],
-    config: MoeConfig | None = None,
+    config: ExpertsConfig | None = None,
 ) -> torch.Tensor:
     """SiLU experts with ``mixtral.quant``'s int8 or int4 weights, each given as its stored tensors
     (``QuantizedTensor.kernel_args()``): [qweight, scales] for int8, [qweight, scales, mins] for int4."""
@@ -435,7 +442,7 @@ def fused_experts_quantized(
     return _run(x, ids, weights, Weight.quantized(gate_up), Weight.quantized(down), config)
 
 
-def _run(x, ids, weights, w13: Weight, w2: Weight, config: MoeConfig | None) -> torch.Tensor:
+def _run(x, ids, weights, w13: Weight, w2: Weight, config: ExpertsConfig | None) -> torch.Tensor:
     _check(x, ids, weights, w13, w2)
     N, H = x.shape
     E, I, K = w13.q.shape[0], w2.in_features, ids.shape[1]
