@@ -2,7 +2,8 @@
 
     python bench/gpu.py                 # everything, ~5 min on an H100/H200; table + JSON
     python bench/gpu.py --quick         # fewer steps and batch sizes (a smoke run)
-    python bench/gpu.py --tune-only     # the ceilings, then candidate block sizes (--tune-budget s)
+    python bench/gpu.py --tune-only     # the ceilings, then candidate block sizes (--tune-budget s),
+                                        # each case also as weight GB/s against the copy bandwidth
     python bench/gpu.py --json out.json # write the results ($OUT/gpu_bench.json by default if $OUT is set)
 
 What it does, in one process:
@@ -231,21 +232,42 @@ def _best(name: str, current, candidates, run, deadline: float) -> dict:
                 best=_as_dict(best), us=timed[best] * 1e6, tried=len(timed), candidates=len(candidates) + 1)
 
 
-def tune(fmt: str, budget_s: float) -> list[dict]:
+def _streamed(row: dict, weight_bytes: int, bw: float) -> dict:
+    """A tuning row with the weight bytes the call must read, as GB/s and % of copy bandwidth: for
+    decode sizes, how close the kernels come to streaming at the card's rate (kernels.md predicts
+    bf16 and int8 near it, int4 at no more than ~50-60%: instruction bound)."""
+    for key in ("table", "best"):
+        us = row["table_us" if key == "table" else "us"]
+        row[f"{key}_gb_s"] = weight_bytes / us / 1e3
+        row[f"{key}_pct_copy"] = 100 * weight_bytes / (us * 1e-6) / bw
+    row["weight_mb"] = weight_bytes / 1e6
+    print(f"  reads {weight_bytes / 1e6:.0f} MB: table {row['table_gb_s']:.0f} GB/s ({row['table_pct_copy']:.0f}% of "
+          f"copy), best {row['best_gb_s']:.0f} GB/s ({row['best_pct_copy']:.0f}%)")
+    return row
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def tune(fmt: str, budget_s: float, bw: float) -> list[dict]:
     """Time candidate block sizes for one layer's experts (and, for int8, the attention
     projections) in the benchmark's format, within ``budget_s`` seconds: the table's current
-    entry first, so each row says what tuning would gain. Rows are for ``moe_configs``."""
+    entry first, so each row says what tuning would gain. Rows are for ``moe_configs``; each also
+    gives the weight bytes read per call against the copy bandwidth ``bw``."""
     deadline = time.perf_counter() + budget_s
     E, H, I = 8, 4096, 14336
     w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) * 0.02
     w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) * 0.02
     if fmt == "bf16":
         experts = lambda x, ids, w, c: fused_experts(x, ids, w, w13, w2, config=c)  # noqa: E731
+        per_expert = _nbytes([w13, w2]) // E
     else:
         quantize = quantize_int8 if fmt == "int8" else lambda t: quantize_int4(t, 32)
         up, down = quantize(w13), quantize(w2)
         del w13, w2
         experts = lambda x, ids, w, c: fused_experts_quantized(x, ids, w, up, down, config=c)  # noqa: E731
+        per_expert = _nbytes(up + down) // E  # weights, scales and mins
     decode = [MoeConfig(16, n, k, w, s) for n in (32, 64, 128) for k in (64, 128, 256) for w in (4, 8)
               for s in (3, 4)]
     prefill = [MoeConfig(m, n, k, w, s) for m in (64, 128) for n in (64, 128) for k in (32, 64) for w in (4, 8)
@@ -261,16 +283,18 @@ def tune(fmt: str, budget_s: float) -> list[dict]:
         # The table's (gate_up, down) pair first, as the model would run it; candidates use one
         # config for both products (they share block_m anyway).
         current = (get_config("gate_up", fmt, N, 2, E, 2 * I, H), get_config("down", fmt, N, 2, E, H, I))
-        rows.append(_best(f"{fmt} experts N={N}", current, fits,
-                          lambda c, x=x, ids=ids, w=w: experts(x, ids, w, c), deadline))
+        row = _best(f"{fmt} experts N={N}", current, fits, lambda c, x=x, ids=ids, w=w: experts(x, ids, w, c),
+                    deadline)
+        rows.append(_streamed(row, ids.unique().numel() * per_expert, bw))
     if fmt != "bf16":
         for out in (6144, 4096):  # q|k|v and o
             stored = quantize(torch.randn(out, H, device="cuda") * 0.02)
             for N in (1, 8, 64):
                 x = torch.randn(N, H, device="cuda", dtype=torch.bfloat16)
                 current = get_config("linear", fmt, N, 1, 1, out, H)
-                rows.append(_best(f"{fmt} linear {out}x{H} N={N}", current, decode,
-                                  lambda c, x=x, w=stored: quantized_linear(x, w, config=c), deadline))
+                row = _best(f"{fmt} linear {out}x{H} N={N}", current, decode,
+                            lambda c, x=x, w=stored: quantized_linear(x, w, config=c), deadline)
+                rows.append(_streamed(row, _nbytes(stored), bw))
     return rows
 
 
@@ -313,7 +337,7 @@ def main() -> None:
     save()
 
     if args.tune or args.tune_only:
-        results["tune"] = tune(fmt, args.tune_budget)
+        results["tune"] = tune(fmt, args.tune_budget, bw)
         torch.cuda.empty_cache()
         save()
         if args.tune_only:

@@ -447,21 +447,36 @@ def test_static_decode_step_matches_model(window):
             tok = want.argmax(-1)
 
 
+def _gpu_bench():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", Path(__file__).parents[1] / "bench" / "gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_gpu_bench_tuning_rows_state_streaming_rate():
+    """A tuning row's weight bytes over its time, as GB/s and a fraction of the copy bandwidth:
+    1 GB in 1000 us is 1000 GB/s, half of a 2 TB/s card."""
+    row = dict(table_us=1000.0, us=800.0)
+    out = _gpu_bench()._streamed(row, 10**9, 2e12)
+    assert out["table_gb_s"] == pytest.approx(1000) and out["table_pct_copy"] == pytest.approx(50)
+    assert out["best_gb_s"] == pytest.approx(1250) and out["best_pct_copy"] == pytest.approx(62.5)
+    assert out["weight_mb"] == pytest.approx(1000)
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_gpu_bench_builds_the_quantized_model_it_measures(fmt):
     """bench/gpu.py's model builder (meta construction, ``quantize_model``, fill in place) on the
     CPU with a tiny config: quantized where ``mixtral quantize`` puts it, nothing left on meta, the
     byte count its roofline uses equal to the quantized experts' size, and finite logits."""
-    import importlib.util
-    from pathlib import Path
-
     from conftest import tiny_kwargs
 
     from mixtral import MixtralConfig
 
-    spec = importlib.util.spec_from_file_location("gpu_bench", Path(__file__).parents[1] / "bench" / "gpu.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _gpu_bench()
     config = MixtralConfig(**tiny_kwargs())
     model = bench.build_model(config, fmt, device="cpu")
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
