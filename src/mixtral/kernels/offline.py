@@ -89,7 +89,7 @@ class CompiledKernel:
 
 
 class _NoDevice(DriverBase):
-    """A stand-in for the CUDA driver: reports the target and never launches (see ``_compile_hook``)."""
+    """A stand-in for the CUDA driver: reports the target; ``capture_launches``'s hook stops every launch."""
 
     def __init__(self, target: GPUTarget) -> None:
         self.target = target
@@ -135,7 +135,10 @@ def capture_launches(arch: int = 90) -> Iterator[list[tuple[object, dict]]]:
         yield launches
     finally:
         knobs.runtime.jit_cache_hook = previous_hook
-        driver.reset_active() if _has_default_driver() else setattr(driver, "_active", None)
+        if _has_default_driver():
+            driver.reset_active()
+        else:  # no GPU backend: leave the driver unset, as it was before the first launch
+            driver._active = None
         for kernel, _ in launches:  # each kernel cached the stand-in's target for device 0
             kernel.device_caches.clear()
 
