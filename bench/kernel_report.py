@@ -12,7 +12,9 @@ share of HBM bandwidth is bound by instructions, not memory, whatever the block 
     python bench/kernel_report.py                 # sm_90 (H100, H200)
     python bench/kernel_report.py --arch 80       # sm_80 (A100)
 
-Exit status 1 if a kernel does not fit its SM or spills registers. Nothing here is a timing: a
+A launch over the SM's shared memory is refused, as the driver would refuse it, and the kernels
+step down to a smaller config (``fused_moe._launch_fitted``); both rows are printed. Exit status 1
+if a kernel that runs spills registers (or does not fit). Nothing here is a timing: a
 kernel that compiles cleanly can still be slow, which only the GPU benchmark (bench/gpu.py) shows.
 """
 
@@ -36,6 +38,8 @@ WEIGHT_BYTES = {"bf16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 32}
 # HBM bytes each SM must take per cycle for a kernel to run at the card's bandwidth (datasheet
 # bandwidth / SMs / boost clock): a kernel issuing fewer weight bytes per cycle cannot get there.
 SM_SHARE = {90: {"H100 SXM": 3.35e12 / 132 / 1.98e9, "H200": 4.8e12 / 132 / 1.98e9},
+            89: {"L4": 300e9 / 58 / 2.04e9, "RTX 4090": 1008e9 / 128 / 2.52e9},
+            86: {"A10": 600e9 / 72 / 1.695e9, "RTX 3090": 936e9 / 82 / 1.695e9},
             80: {"A100 80GB SXM": 2.04e12 / 108 / 1.41e9}}
 
 
@@ -83,17 +87,18 @@ def main() -> None:
             fmt = case.split()[-1]
             per_cycle = (weight_bytes_per_iteration(fmt, k.name, c) / k.issue_cycles()
                          if k.name != "_align_kernel" and k.loop_instructions else None)
-            ok = k.fits() and k.stack_bytes == 0
+            ok = k.refused or (k.fits() and k.stack_bytes == 0)
             bad += not ok
+            flag = "  refused: over shared memory, steps down" if k.refused else "" if ok else "  <-- !"
             print(f"{case:<14} {n:>6}  {k.name:<13} {tiles:<16} {k.shared_bytes / 1024:>6.0f}Ki {k.registers:>4} "
                   f"{k.stack_bytes:>5} {k.programs_per_sm():>7} {k.mma:<8} {wide:>8.0%} {k.loop_instructions:>5} "
-                  f"{'-' if per_cycle is None else f'{per_cycle:.1f}':>7}{'' if ok else '  <-- !'}")
+                  f"{'-' if per_cycle is None else f'{per_cycle:.1f}':>7}{flag}")
             rows.append(dict(case=case, tokens=n, kernel=k.name, constants={a: v for a, v in c.items()
                              if isinstance(v, (int, float, bool))}, num_warps=k.num_warps,
                              num_stages=k.num_stages, shared=k.shared_bytes, registers=k.registers,
                              stack=k.stack_bytes, programs_per_sm=k.programs_per_sm(), mma=k.mma,
                              wide_load_share=wide, loop_instructions=k.loop_instructions,
-                             weight_bytes_per_issue_cycle=per_cycle, ok=ok))
+                             weight_bytes_per_issue_cycle=per_cycle, refused=k.refused, ok=ok))
     print(f"{len(rows)} kernels compiled for sm_{args.arch} in {time.perf_counter() - t0:.0f} s; "
           f"{bad} do not fit or spill")
     if args.json:

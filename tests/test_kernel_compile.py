@@ -49,9 +49,18 @@ def _report(tmp_path: Path, arch: int, tokens: list[int]) -> list[dict]:
     return json.loads(out.read_text())["rows"]
 
 
-@pytest.mark.parametrize("arch,tokens", [(90, [1, 4096]), (80, [1, 4096])])
+@pytest.mark.parametrize("arch,tokens", [(90, [1, 4096]), (80, [1, 4096]), (89, [1])])
 def test_mixtral_kernels_compile_fit_and_do_not_spill(tmp_path, arch, tokens):
     rows = _report(tmp_path, arch, tokens)
+    refused = [r for r in rows if r["refused"]]
+    if arch == 89:
+        # 99 KiB of shared memory per block: the table's bf16 and int8 decode tiles (108 and 120
+        # KiB) are refused, and the launch steps down to a config that fits instead of failing.
+        assert {(r["case"], r["kernel"]) for r in refused} == {("experts bf16", "_gate_up"),
+                                                                ("experts int8", "_gate_up")}
+    else:
+        assert not refused, f"the table's configs should fit sm_{arch}: {refused}"
+    rows = [r for r in rows if not r["refused"]]
     seen = {(r["case"], r["tokens"], r["kernel"]) for r in rows}
     for fmt in ("bf16", "int8", "int4"):
         for n in tokens:

@@ -360,6 +360,37 @@ def test_experts_module_runs_triton_implementation():
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+def test_launch_steps_down_to_a_config_that_fits_shared_memory():
+    """A launch the device refuses for shared memory (Triton's OutOfResources) is retried with
+    fewer stages, then a shorter K tile, never another block_m; the fitted config is kept per
+    (kernel, device, config), so the next call launches it directly."""
+    from triton.runtime.errors import OutOfResources
+
+    from mixtral.kernels import fused_moe
+
+    tried = []
+
+    def launch(c):  # a device with room for 2 stages of 64-deep tiles
+        tried.append(c)
+        if c.num_stages > 2 or c.block_k > 64:
+            raise OutOfResources(2 * c.num_stages * c.block_k, 256, "shared memory")
+
+    wanted = MoeConfig(16, 64, 256, 4, 4)
+    device = torch.device("cpu", 7)  # a key of its own
+    used = fused_moe._launch_fitted("test", device, wanted, launch)
+    assert used == MoeConfig(16, 64, 64, 4, 2)
+    assert [(c.num_stages, c.block_k) for c in tried] == [(4, 256), (3, 256), (2, 256), (2, 128), (2, 64)]
+    tried.clear()
+    assert fused_moe._launch_fitted("test", device, wanted, launch) == used and tried == [used]
+
+    def never(c):
+        raise OutOfResources(1 << 20, 1024, "shared memory")
+
+    with pytest.raises(OutOfResources):  # nothing smaller left: the device's error stands
+        fused_moe._launch_fitted("test", device, MoeConfig(16, 16, 32, 4, 2), never)
+    fused_moe._FITTED.clear()
+
+
 def test_config_table_lookup():
     assert tokens_bucket(1) == 1 and tokens_bucket(3) == 4 and tokens_bucket(4096) == 4096
     decode = get_config("gate_up", "bf16", 1, 2, 8, 2 * 14336, 4096)

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .moe_configs import MoeConfig, get_config
 
@@ -444,6 +445,46 @@ def fused_experts_quantized(
     return _run(x, ids, weights, Weight.quantized(gate_up), Weight.quantized(down), config)
 
 
+# ---------------------------------------------------------------------------------------------
+# Fitting a config to the device's shared memory
+# ---------------------------------------------------------------------------------------------
+# The table's tiles are chosen for H100/H200 (227 KiB of shared memory per block) and A100 (163).
+# Ada and consumer Ampere cards have 99 KiB: there the bf16 decode tiles (108 KiB) and int8's
+# (120 KiB) do not fit, and Triton refuses the launch (OutOfResources). Rather than fail, a launch
+# steps down to the nearest smaller config that fits, and that choice is kept per (kernel, config,
+# device): fewer pipeline stages first (the cheapest loss), then a shorter K tile, then a narrower
+# N tile. block_m never changes: both GEMMs and the sorted layout share it.
+_FITTED: dict[tuple, MoeConfig] = {}
+
+
+def _smaller(c: MoeConfig) -> MoeConfig | None:
+    if c.num_stages > 2:
+        return c._replace(num_stages=c.num_stages - 1)
+    if c.block_k > 32:
+        return c._replace(block_k=c.block_k // 2)
+    if c.block_n > 16:
+        return c._replace(block_n=c.block_n // 2)
+    return None
+
+
+def _launch_fitted(kernel_name: str, device: torch.device, config: MoeConfig, launch) -> MoeConfig:
+    """``launch(config)``, or ``launch`` of the nearest smaller config the device has shared memory
+    for. Returns the config used."""
+    key = (kernel_name, device, config)
+    c = _FITTED.get(key, config)
+    while True:
+        try:
+            launch(c)
+        except OutOfResources:
+            smaller = _smaller(c)
+            if smaller is None:
+                raise
+            c = smaller
+            continue
+        _FITTED[key] = c
+        return c
+
+
 def _run(x, ids, weights, w13: Weight, w2: Weight, config: ExpertsConfig | None) -> torch.Tensor:
     _check(x, ids, weights, w13, w2)
     N, H = x.shape
@@ -456,27 +497,36 @@ def _run(x, ids, weights, w13: Weight, w2: Weight, config: ExpertsConfig | None)
     blocks = block_expert.numel()
 
     h = torch.empty(sorted_slots.numel(), I, dtype=x.dtype, device=x.device)  # sorted order
-    c = cfg_up
     w, s, m, swe, swn, sse, ssn, G, wfmt = w13.args()
-    _gate_up[(blocks, triton.cdiv(I, c.block_n))](
-        x, w, s, m, h, sorted_slots, block_expert, N * K, I, H, G, x.stride(0), swe, swn, sse, ssn, h.stride(0),
-        TOP_K=K, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, WFMT=wfmt,
-        GROUPS=_scale_groups(wfmt, G, c.block_k), DOT_FP32=_DOT_FP32,
-        num_warps=c.num_warps, num_stages=c.num_stages)
+
+    def gate_up(c: MoeConfig) -> None:
+        _gate_up[(blocks, triton.cdiv(I, c.block_n))](
+            x, w, s, m, h, sorted_slots, block_expert, N * K, I, H, G, x.stride(0), swe, swn, sse, ssn, h.stride(0),
+            TOP_K=K, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, WFMT=wfmt,
+            GROUPS=_scale_groups(wfmt, G, c.block_k), DOT_FP32=_DOT_FP32,
+            num_warps=c.num_warps, num_stages=c.num_stages)
+
+    _launch_fitted("gate_up", x.device, cfg_up, gate_up)
 
     # Split-K over I for the down product: at decode its grid is only (2 blocks x H / BLOCK_N), too
     # few programs to keep every SM streaming weights; splits multiply it. Partial sums in fp32.
-    c = cfg_down
-    y = torch.empty(c.split_k, N * K, H, dtype=torch.float32, device=x.device)  # slot order
+    splits = cfg_down.split_k
+    y = torch.empty(splits, N * K, H, dtype=torch.float32, device=x.device)  # slot order
     rw = weights.reshape(-1).float().contiguous()
-    w, s, m, swe, swn, sse, ssn, G, wfmt = w2.args()
-    _down[(blocks, triton.cdiv(H, c.block_n), c.split_k)](
-        h, w, s, m, y, rw, sorted_slots, block_expert, N * K, H, I, G, h.stride(0), swe, swn, sse, ssn,
-        y.stride(0), y.stride(1), BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, WFMT=wfmt,
-        GROUPS=_scale_groups(wfmt, G, c.block_k), DOT_FP32=_DOT_FP32, num_warps=c.num_warps, num_stages=c.num_stages)
+    w2_args = w2.args()
+
+    def down(c: MoeConfig) -> None:
+        w, s, m, swe, swn, sse, ssn, G, wfmt = w2_args
+        _down[(blocks, triton.cdiv(H, c.block_n), splits)](
+            h, w, s, m, y, rw, sorted_slots, block_expert, N * K, H, I, G, h.stride(0), swe, swn, sse, ssn,
+            y.stride(0), y.stride(1), BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, WFMT=wfmt,
+            GROUPS=_scale_groups(wfmt, G, c.block_k), DOT_FP32=_DOT_FP32,
+            num_warps=c.num_warps, num_stages=c.num_stages)
+
+    _launch_fitted("down", x.device, cfg_down, down)
     # Splits and top-k choices summed by a plain reduction: a fixed order, so results are
     # bit-for-bit reproducible (an atomic-add epilogue would not be).
-    return y.view(c.split_k, N, K, H).sum(dim=(0, 2)).to(x.dtype)
+    return y.view(splits, N, K, H).sum(dim=(0, 2)).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,13 +548,17 @@ def _linear_run(x: torch.Tensor, weight: list[torch.Tensor], config: MoeConfig |
                          f"(contiguous rows, K matching)")
     w.check("quantized_linear")
     N = w.out_features
-    c = config or get_config("linear", w.fmt, M, 1, 1, N, K)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     q, s, m, _, swn, _, ssn, G, wfmt = w.args()
-    _linear[(triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n))](
-        x, q, s, m, y, M, N, K, G, x.stride(0), swn, ssn, y.stride(0),
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, WFMT=wfmt,
-        GROUPS=_scale_groups(wfmt, G, c.block_k), DOT_FP32=_DOT_FP32, num_warps=c.num_warps, num_stages=c.num_stages)
+
+    def linear(c: MoeConfig) -> None:
+        _linear[(triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n))](
+            x, q, s, m, y, M, N, K, G, x.stride(0), swn, ssn, y.stride(0),
+            BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, WFMT=wfmt,
+            GROUPS=_scale_groups(wfmt, G, c.block_k), DOT_FP32=_DOT_FP32,
+            num_warps=c.num_warps, num_stages=c.num_stages)
+
+    _launch_fitted("linear", x.device, config or get_config("linear", w.fmt, M, 1, 1, N, K), linear)
     return y
 
 

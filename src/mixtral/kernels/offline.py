@@ -20,6 +20,7 @@ weights at full rate; 2-byte scalar loads cost one instruction per element). Run
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import subprocess
@@ -35,6 +36,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.driver import DriverBase
 from triton.compiler import ASTSource
 from triton.runtime.driver import driver
+from triton.runtime.errors import OutOfResources
 
 # Per-SM limits from NVIDIA's CUDA C programming guide (compute capability table): max dynamic
 # shared memory per block, shared memory per SM, 32-bit registers per SM, resident threads per SM.
@@ -60,6 +62,7 @@ class CompiledKernel:
     mma: str  # "wgmma", "mma.sync" or "none" (products on CUDA cores)
     loop_instructions: int = 0  # SASS instructions in the main loop's body, per warp and iteration
     loop_loads: Counter = field(default_factory=Counter)  # global loads in that body: {bytes: count}
+    refused: bool = False  # over the SM's shared memory: the launch raised OutOfResources, as on a device
 
     @property
     def threads(self) -> int:
@@ -118,28 +121,47 @@ class _NoDevice(DriverBase):
 
 
 @contextlib.contextmanager
-def capture_launches(arch: int = 90) -> Iterator[list[tuple[object, dict]]]:
-    """Within the block, Triton launches are recorded (kernel, specialisation) instead of compiled
-    and run. Kernels must be compiled ones (under ``TRITON_INTERPRET=1`` there is nothing to capture)
-    and not yet launched on a real GPU in this process (those would run from the JIT's cache)."""
-    launches: list[tuple[object, dict]] = []
+def capture_launches(arch: int = 90) -> Iterator[list[CompiledKernel]]:
+    """Within the block, each Triton launch is compiled for ``arch`` instead of run, and listed.
+    One that needs more shared memory than the SM has raises ``OutOfResources``, as the CUDA
+    driver would at launch (and is listed, marked ``refused``), so host code that steps down to a
+    smaller config does so here too. Kernels must be compiled ones (under ``TRITON_INTERPRET=1``
+    there is nothing to capture) and not yet launched on a real GPU in this process (those would run
+    from the JIT's cache)."""
+    from . import fused_moe
+
+    launches: list[CompiledKernel] = []
+    compiled: dict[tuple, CompiledKernel] = {}
+    limit = ARCH_LIMITS[arch]["shared_per_block"]
 
     def hook(*, fn, compile, **_) -> bool:
-        launches.append((fn.jit_function, compile))
+        kernel = fn.jit_function
+        touched.add(kernel)
+        key = (kernel.__name__, str(compile["key"]))
+        if key not in compiled:
+            compiled[key] = compile_launch(kernel, compile, arch)
+        k = compiled[key]
+        if k.shared_bytes > limit:
+            launches.append(dataclasses.replace(k, refused=True))
+            raise OutOfResources(k.shared_bytes, limit, "shared memory")
+        launches.append(k)
         return True  # "handled": the JIT neither compiles nor launches
 
+    touched: set = set()
     previous_hook = knobs.runtime.jit_cache_hook
     driver.set_active(_NoDevice(GPUTarget("cuda", arch, 32)))
     knobs.runtime.jit_cache_hook = hook
+    fused_moe._FITTED.clear()  # kept per device, and every arch here is the "cpu" device
     try:
         yield launches
     finally:
+        fused_moe._FITTED.clear()
         knobs.runtime.jit_cache_hook = previous_hook
         if _has_default_driver():
             driver.reset_active()
         else:  # no GPU backend: leave the driver unset, as it was before the first launch
             driver._active = None
-        for kernel, _ in launches:  # each kernel cached the stand-in's target for device 0
+        for kernel in touched:  # each kernel cached the stand-in's target for device 0
             kernel.device_caches.clear()
 
 
@@ -209,18 +231,17 @@ def compile_launch(kernel, spec: dict, arch: int) -> CompiledKernel:
 
 def compile_calls(call: Callable[[], object], arch: int = 90) -> list[CompiledKernel]:
     """Run ``call`` (host code launching Triton kernels on CPU tensors) and compile each distinct
-    launch it makes for ``arch``."""
+    launch it makes for ``arch``, in launch order; refused launches (see ``capture_launches``) are
+    listed before the config that replaced them."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("offline compilation needs TRITON_INTERPRET unset: interpreted kernels have no "
                            "compiled form to capture")
     with capture_launches(arch) as launches:
         call()
-    seen, out = set(), []
-    for kernel, spec in launches:
-        key = (kernel.__name__, str(spec["key"]))
-        if key not in seen:
-            seen.add(key)
-            out.append(compile_launch(kernel, spec, arch))
+    out: list[CompiledKernel] = []
+    for k in launches:
+        if k not in out:
+            out.append(k)
     return out
 
 
