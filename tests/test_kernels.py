@@ -388,6 +388,10 @@ def test_launch_steps_down_to_a_config_that_fits_shared_memory():
 
     with pytest.raises(OutOfResources):  # nothing smaller left: the device's error stands
         fused_moe._launch_fitted("test", device, MoeConfig(16, 16, 32, 4, 2), never)
+    tried.clear()
+    with pytest.raises(OutOfResources):  # an explicit config (tuning) runs as given or fails
+        fused_moe._launch_fitted("test", device, MoeConfig(16, 64, 256, 4, 3), launch, fit=False)
+    assert tried == [MoeConfig(16, 64, 256, 4, 3)]
     fused_moe._FITTED.clear()
 
 

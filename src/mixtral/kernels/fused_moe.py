@@ -453,7 +453,8 @@ def fused_experts_quantized(
 # (120 KiB) do not fit, and Triton refuses the launch (OutOfResources). Rather than fail, a launch
 # steps down to the nearest smaller config that fits, and that choice is kept per (kernel, config,
 # device): fewer pipeline stages first (the cheapest loss), then a shorter K tile, then a narrower
-# N tile. block_m never changes: both GEMMs and the sorted layout share it.
+# N tile. block_m never changes: both GEMMs and the sorted layout share it. Only the table's
+# configs step down; an explicit config (tests, tuning) runs as given or fails.
 _FITTED: dict[tuple, MoeConfig] = {}
 
 
@@ -467,9 +468,13 @@ def _smaller(c: MoeConfig) -> MoeConfig | None:
     return None
 
 
-def _launch_fitted(kernel_name: str, device: torch.device, config: MoeConfig, launch) -> MoeConfig:
-    """``launch(config)``, or ``launch`` of the nearest smaller config the device has shared memory
-    for. Returns the config used."""
+def _launch_fitted(kernel_name: str, device: torch.device, config: MoeConfig, launch,
+                   fit: bool = True) -> MoeConfig:
+    """``launch(config)``, or (``fit``) ``launch`` of the nearest smaller config the device has
+    shared memory for. Returns the config used."""
+    if not fit:
+        launch(config)
+        return config
     key = (kernel_name, device, config)
     c = _FITTED.get(key, config)
     while True:
@@ -506,7 +511,7 @@ def _run(x, ids, weights, w13: Weight, w2: Weight, config: ExpertsConfig | None)
             GROUPS=_scale_groups(wfmt, G, c.block_k), DOT_FP32=_DOT_FP32,
             num_warps=c.num_warps, num_stages=c.num_stages)
 
-    _launch_fitted("gate_up", x.device, cfg_up, gate_up)
+    _launch_fitted("gate_up", x.device, cfg_up, gate_up, fit=config is None)
 
     # Split-K over I for the down product: at decode its grid is only (2 blocks x H / BLOCK_N), too
     # few programs to keep every SM streaming weights; splits multiply it. Partial sums in fp32.
@@ -523,7 +528,7 @@ def _run(x, ids, weights, w13: Weight, w2: Weight, config: ExpertsConfig | None)
             GROUPS=_scale_groups(wfmt, G, c.block_k), DOT_FP32=_DOT_FP32,
             num_warps=c.num_warps, num_stages=c.num_stages)
 
-    _launch_fitted("down", x.device, cfg_down, down)
+    _launch_fitted("down", x.device, cfg_down, down, fit=config is None)
     # Splits and top-k choices summed by a plain reduction: a fixed order, so results are
     # bit-for-bit reproducible (an atomic-add epilogue would not be).
     return y.view(splits, N, K, H).sum(dim=(0, 2)).to(x.dtype)
@@ -558,7 +563,8 @@ def _linear_run(x: torch.Tensor, weight: list[torch.Tensor], config: MoeConfig |
             GROUPS=_scale_groups(wfmt, G, c.block_k), DOT_FP32=_DOT_FP32,
             num_warps=c.num_warps, num_stages=c.num_stages)
 
-    _launch_fitted("linear", x.device, config or get_config("linear", w.fmt, M, 1, 1, N, K), linear)
+    _launch_fitted("linear", x.device, config or get_config("linear", w.fmt, M, 1, 1, N, K), linear,
+                   fit=config is None)
     return y
 
 
