@@ -502,9 +502,10 @@ def _run(x, ids, weights, w13: Weight, w2: Weight, config: ExpertsConfig | None)
     blocks = block_expert.numel()
 
     h = torch.empty(sorted_slots.numel(), I, dtype=x.dtype, device=x.device)  # sorted order
-    w, s, m, swe, swn, sse, ssn, G, wfmt = w13.args()
+    w13_args = w13.args()
 
     def gate_up(c: MoeConfig) -> None:
+        w, s, m, swe, swn, sse, ssn, G, wfmt = w13_args
         _gate_up[(blocks, triton.cdiv(I, c.block_n))](
             x, w, s, m, h, sorted_slots, block_expert, N * K, I, H, G, x.stride(0), swe, swn, sse, ssn, h.stride(0),
             TOP_K=K, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, WFMT=wfmt,

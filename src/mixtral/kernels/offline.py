@@ -132,6 +132,7 @@ def capture_launches(arch: int = 90) -> Iterator[list[CompiledKernel]]:
 
     launches: list[CompiledKernel] = []
     compiled: dict[tuple, CompiledKernel] = {}
+    touched: set = set()  # kernels whose JIT cache the stand-in driver reached
     limit = ARCH_LIMITS[arch]["shared_per_block"]
 
     def hook(*, fn, compile, **_) -> bool:
@@ -147,7 +148,6 @@ def capture_launches(arch: int = 90) -> Iterator[list[CompiledKernel]]:
         launches.append(k)
         return True  # "handled": the JIT neither compiles nor launches
 
-    touched: set = set()
     previous_hook = knobs.runtime.jit_cache_hook
     driver.set_active(_NoDevice(GPUTarget("cuda", arch, 32)))
     knobs.runtime.jit_cache_hook = hook
