@@ -1,4 +1,5 @@
-"""The Triton kernels compiled for real GPUs (sm_90: H100/H200; sm_80: A100) on this CPU machine.
+"""The Triton kernels compiled for real GPUs (sm_90: H100/H200; sm_80: A100; sm_89: L4, L40S, RTX
+4090) on this CPU machine.
 
 The interpreter tests (test_kernels.py) check what the kernels compute; they cannot see what only
 the compiler checks: return types across constexpr branches, shared memory and registers. Here
@@ -6,8 +7,9 @@ the compiler checks: return types across constexpr branches, shared memory and r
 own compiler and the ptxas it ships with; nothing runs) and each kernel is held to NVIDIA's per-SM
 limits: it fits, does not spill registers, uses tensor cores, and its K loop reads mostly through
 16-byte loads (a per-element gather of weights or scales pulls that share down: int4's per-weight
-scale loads had it at 24%); and the
-decode loops of the bf16 and int8 experts issue their weight bytes faster than HBM delivers them.
+scale loads had it at 24%); and the decode loops of the bf16 and int8 experts issue their weight
+bytes faster than HBM delivers them. On sm_89 (99 KiB of shared memory per block) the launches that
+do not fit are refused, as the driver would refuse them, and must step down to a config that does.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def _nvidia_tools() -> bool:
     if spec is None or spec.origin is None:
         return False
     bin_dir = Path(spec.origin).parent / "backends" / "nvidia" / "bin"
-    return all(os.access(bin_dir / tool, os.X_OK) for tool in ("ptxas", "cuobjdump"))
+    return all(os.access(bin_dir / tool, os.X_OK) for tool in ("ptxas", "cuobjdump", "nvdisasm"))
 
 
 pytestmark = pytest.mark.skipif(not _nvidia_tools(), reason="triton (with its NVIDIA backend tools) is not installed")

@@ -7,8 +7,9 @@ smallest power of two >= the number of tokens in the call. A missing key falls b
 paste here.
 
 Status: the entries below are *starting points chosen by reasoning, not timed* (the sessions that
-wrote them had no GPU); each compiles for sm_90 (``bench/kernel_report.py``) within its shared
-memory and without spilling registers. Decode (few tokens) is memory bound: one 16-row tile per
+wrote them had no GPU); each compiles for sm_90 and sm_80 (``bench/kernel_report.py``) within its
+shared memory and without spilling registers (on 99 KiB cards the launch steps down, see
+``fused_moe._launch_fitted``). Decode (few tokens) is memory bound: one 16-row tile per
 expert, narrow N tiles so the weights are streamed by many programs at once. Prefill is compute
 bound: 64-128 row tiles and wide N tiles for tensor-core reuse.
 """
