@@ -44,6 +44,41 @@ def test_experts_cpu_matches_reference(N):
             torch.testing.assert_close(fn(x, ids, w, gu, dn), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["float", "int8", "int4"])
+def test_experts_kernel_rows_do_not_depend_on_the_batch(fmt):
+    """The kernel groups a batch's token slots by expert, so each expert's weights are read once; every
+    token must still come out exactly as it does alone (bitwise), or a server's answer would depend
+    on who else is being served. Three experts for 8 tokens: every expert serves several tokens, one
+    token picks its experts in the other order, and one expert stays unused in the second half."""
+    from mixtral.kernels.cpu import cpu_kernels
+    from mixtral.quant import QuantExperts, QuantizedTensor
+
+    if cpu_kernels() is None:
+        pytest.skip("no C++ compiler: the CPU kernels are not built")
+    torch.manual_seed(11)
+    E, H, I, K, N = 4, 96, 160, 2, 8
+    gu, dn = torch.randn(E, 2 * I, H) * 0.2, torch.randn(E, H, I) * 0.2
+    x = torch.randn(N, H)
+    ids = torch.tensor([[0, 1], [1, 0], [2, 0], [1, 2], [0, 2], [2, 1], [0, 1], [1, 2]])
+    w = torch.softmax(torch.randn(N, K), -1)
+    if fmt == "float":
+        def run(*a):
+            return experts_cpu(*a, gu, dn)
+    else:
+        run = QuantExperts(QuantizedTensor.quantize(gu, fmt, 32), QuantizedTensor.quantize(dn, fmt, 32), F.silu)
+    with torch.inference_mode():
+        batch = run(x, ids, w)
+        for n in range(N):
+            assert torch.equal(batch[n : n + 1], run(x[n : n + 1], ids[n : n + 1], w[n : n + 1])), n
+        for half in (slice(0, 4), slice(4, 8)):
+            assert torch.equal(batch[half], run(x[half], ids[half], w[half]))
+    if fmt == "float":
+        torch.testing.assert_close(batch, experts_reference(x, ids, w, gu, dn), rtol=1e-5, atol=1e-5)
+    else:  # activations are rounded to int8 blocks too: ~1% of the output's norm
+        want = experts_reference(x, ids, w, run.gate_up_q.dequantize(), run.down_q.dequantize())
+        assert (batch - want).norm() / want.norm() < 0.03
+
+
 @pytest.mark.parametrize("rows", [1, 2, 5, 12])
 def test_project_matches_linear(rows):
     torch.manual_seed(rows)
@@ -170,6 +205,55 @@ def test_fused_decode_matches_plain_path(sliding_window, padded, whole_step, mon
     assert sum(calls) == (2 * 12 * per_step if cpu_kernels() is not None else 0)
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(fast_tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 6])
+@pytest.mark.parametrize("whole_step", [True, False])
+def test_ragged_decode_matches_plain_path(sliding_window, whole_step, monkeypatch):
+    """The server's step: three requests, each in a cache of its own (prompts of 2, 5 and 9 tokens, so
+    their lengths differ and rolling buffers are filled to different levels; the first cache starts
+    empty and grows mid-decode), decoded together through ``RaggedDecodeView``. The fused kernels,
+    which write every row into its own cache, against the plain path (autograd on): same logits step
+    after step; and each row against that request decoded alone."""
+    import mixtral.model as model_mod
+    from mixtral.cache import KVCache, RaggedDecodeView
+    from mixtral.generation import decode_step
+    from mixtral.kernels.cpu import cpu_kernels
+
+    model = odd_model(seed=6, sliding_window=sliding_window)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if not whole_step:
+        model.model.layers[-1].mlp.experts.implementation = "grouped"
+    torch.manual_seed(7)
+    prompts = [torch.randint(1, 97, (1, n)) for n in (2, 5, 9)]
+    steps = 10
+
+    def run(grad: bool, rows: list[int], tokens=None):
+        with torch.set_grad_enabled(grad), torch.inference_mode(not grad):
+            caches, first = [], []
+            for i in rows:
+                cache = KVCache.for_model(model.config, 1, capacity=0 if i == 0 else 20)
+                first.append(model(prompts[i], past_key_values=cache).logits[:, -1].argmax(-1))
+                caches.append(cache)
+            tok, out = torch.cat(first), []
+            for t in range(steps):
+                out.append(decode_step(model, tok, None, RaggedDecodeView(caches)))
+                tok = out[-1].argmax(-1) if tokens is None else tokens[t + 1, rows]
+            return torch.stack(out), torch.cat([torch.cat(first)[None], torch.stack(out).argmax(-1)])
+
+    ref, tokens = run(True, [0, 1, 2])
+    fn = "decode_layers" if whole_step else "decode_attention"
+    calls = []
+    real = getattr(model_mod, fn)
+    monkeypatch.setattr(model_mod, fn, lambda *a: calls.append(1) or real(*a))
+    fast, _ = run(False, [0, 1, 2], tokens)
+    assert len(calls) == (steps * (1 if whole_step else model.config.num_hidden_layers)
+                          if cpu_kernels() is not None else 0)
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+    for i in range(3):
+        alone, _ = run(False, [i], tokens)
+        torch.testing.assert_close(fast[:, i], alone[:, 0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("N", [1, 3, 8])

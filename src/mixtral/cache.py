@@ -18,10 +18,14 @@ Two layouts, one class:
   over ``cat(slots, chunk)``, since its first query may still need keys the chunk would
   overwrite; only afterwards are the chunk's last ``W`` tokens written into their slots.
   Attention is order-free given the mask, so slots never need rotating.
+
+``RaggedDecodeView`` presents several batch-1 caches (the server's requests, each at its own length)
+as one cache of B rows for a decode step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +44,25 @@ class StepLayout:
     key_valid: torch.Tensor
     query_index: torch.Tensor
     all_valid: bool  # no padding and no empty slot anywhere: masks reduce to causal/window alone
+
+
+@dataclass
+class DecodeRows:
+    """A one-token step as the decode kernels take it, so that they write the new keys and values
+    themselves: the caches holding the step's rows, in row order (one batch cache, or the server's
+    one cache per request), and per row the slot its new key goes to and how many leading slots it
+    attends over; ``query_index`` is the query's token index in the step layout's numbering."""
+
+    caches: list[KVCache]
+    slots: list[int]
+    lengths: list[int]
+    query_index: int
+
+    def keys(self, layer: int) -> list[torch.Tensor]:
+        return [c.k[layer] for c in self.caches]
+
+    def values(self, layer: int) -> list[torch.Tensor]:
+        return [c.v[layer] for c in self.caches]
 
 
 class KVCache:
@@ -149,16 +172,16 @@ class KVCache:
         self._new_valid = new_valid
         return self._layout
 
-    def decode_slot(self) -> tuple[int, int] | None:
-        """For a one-token step: (slot the new key/value goes to, number of leading slots attended),
-        matching what ``update`` would write and return; None for a chunk of several tokens.
-        Lets a fused kernel write the slot itself (``model.decode_attention``)."""
+    def decode_rows(self) -> DecodeRows | None:
+        """For a one-token step: where the decode kernels write each row's new key and what it attends
+        over, matching what ``update`` would write and return (``model.decode_attention``); None for a
+        chunk of several tokens."""
         if self._chunk != 1:
             return None
         n = self.seen
-        if self.window is None:
-            return n, n + 1
-        return n % self.window, self.window
+        slot, length = (n, n + 1) if self.window is None else (n % self.window, self.window)
+        B = self.batch_size
+        return DecodeRows([self], [slot] * B, [length] * B, n)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's keys/values (B, n_kv, T, hd) and return what the layer attends over."""
@@ -204,3 +227,71 @@ class KVCache:
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class RaggedDecodeView:
+    """The KVCache protocol over several batch-1 caches, for one decode step (T=1) of all of them.
+
+    The model sees B rows; row i reads and writes ``caches[i]``. Rows hold different numbers of
+    keys, so ``update`` returns them stacked and zero-padded to the longest (S), and the layout's
+    ``key_valid`` (B, S) marks each row's real keys. Each row's own cache already resolved which
+    of its slots the new query may see (a rolling buffer only holds the window), so the shared
+    ``key_index``/``query_index`` are all zeros: every valid key passes the causal and window tests
+    and the mask reduces to ``key_valid``.
+    """
+
+    def __init__(self, caches: Sequence[KVCache]) -> None:
+        self.caches = list(caches)
+        self.window = self.caches[0].window
+        self.dtype = self.caches[0].dtype
+        self.batch_size = len(self.caches)
+        self._lengths: list[int] = []
+        self._layout: StepLayout | None = None
+
+    @property
+    def row_positions(self) -> torch.Tensor:
+        return torch.cat([c.row_positions for c in self.caches])
+
+    @property
+    def seen(self) -> int:
+        return max(c.seen for c in self.caches)
+
+    def begin(self, new_valid: torch.Tensor | None, num_new: int) -> StepLayout:
+        if num_new != 1 or (new_valid is not None and not bool(new_valid.all())):
+            raise ValueError("RaggedDecodeView decodes one unpadded token per row")
+        layouts = [c.begin(None, 1) for c in self.caches]
+        self._lengths = [lay.key_index.shape[0] for lay in layouts]
+        S = max(self._lengths)
+        device = layouts[0].key_index.device
+        key_valid = torch.zeros(self.batch_size, S, dtype=torch.bool, device=device)
+        for i, lay in enumerate(layouts):
+            key_valid[i, : self._lengths[i]] = lay.key_valid[0] & (lay.key_index >= 0)
+        zeros = torch.zeros(S, dtype=torch.long, device=device)
+        all_valid = len(set(self._lengths)) == 1 and bool(key_valid.all())
+        self._layout = StepLayout(zeros, key_valid, zeros[:1], all_valid)
+        return self._layout
+
+    def decode_rows(self) -> DecodeRows:
+        """Each row in its own cache, at its own slot and length; the query index is 0, as in the
+        layout ``begin`` returns."""
+        rows = [c.decode_rows() for c in self.caches]
+        return DecodeRows(self.caches, [r.slots[0] for r in rows], [r.lengths[0] for r in rows], 0)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, nkv, 1, hd) -> keys, values (B, nkv, S, hd), zeros past each row's length."""
+        rows = [c.update(layer, k[i : i + 1], v[i : i + 1]) for i, c in enumerate(self.caches)]
+        if len(set(self._lengths)) == 1:
+            return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+        S = max(self._lengths)
+        B, nkv, _, hd = k.shape
+        keys = k.new_zeros(B, nkv, S, hd)  # zeros, not garbage: a masked NaN would still poison p @ v
+        values = v.new_zeros(B, nkv, S, hd)
+        for i, (rk, rv) in enumerate(rows):
+            keys[i, :, : rk.shape[2]] = rk[0]
+            values[i, :, : rv.shape[2]] = rv[0]
+        return keys, values
+
+    def end(self) -> None:
+        for c in self.caches:
+            c.end()
+        self._layout = None

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache, StepLayout
+from .cache import KVCache, RaggedDecodeView, StepLayout
 from .config import MixtralConfig
 from .moe import SparseMoeBlock, load_balancing_loss
 from .outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
@@ -161,10 +161,11 @@ class Attention(nn.Module):
 def fused_decode_applies(x: torch.Tensor, cache: Any, implementation: str, want_probs: bool,
                          dropout: bool) -> bool:
     """Whether attention of this step runs as one ``decode_attention`` kernel call: one fp32 query
-    per row on CPU, no autograd or dropout, our own ``KVCache`` (not the server's), and no attention
-    probabilities wanted. ``eager`` stays the written-out reference. The kernel applies the mask
-    rule itself, so the model builds no mask tensor for such a step."""
-    if (x.shape[1] != 1 or type(cache) is not KVCache or x.device.type != "cpu" or x.dtype != torch.float32
+    per row on CPU, no autograd or dropout, our own ``KVCache`` or the server's view of several, and
+    no attention probabilities wanted. ``eager`` stays the written-out reference. The kernel applies
+    the mask rule itself, so the model builds no mask tensor for such a step."""
+    if (x.shape[1] != 1 or type(cache) not in (KVCache, RaggedDecodeView) or x.device.type != "cpu"
+            or x.dtype != torch.float32
             or cache.dtype != torch.float32 or want_probs or dropout or implementation == "eager"
             or torch.is_grad_enabled()):
         return False
@@ -185,23 +186,23 @@ def decode_attention(attn: Attention, qkv: torch.Tensor, cos: torch.Tensor, sin:
     from .kernels.cpu import cpu_kernels
 
     B = qkv.shape[0]
-    cos, sin, slot, S, layout = decode_geometry(cache, cos, sin, B)
+    cos, sin, rows, layout = decode_geometry(cache, cos, sin, B)
     out = cpu_kernels().decode_attention(
-        qkv.reshape(B, -1).contiguous(), cos, sin, cache.k[attn.layer_idx], cache.v[attn.layer_idx],
-        slot, S, layout.key_index, layout.key_valid, cache.seen, attn.window or 0, attn.num_heads,
+        qkv.reshape(B, -1).contiguous(), cos, sin, rows.keys(attn.layer_idx), rows.values(attn.layer_idx),
+        rows.slots, rows.lengths, layout.key_index, layout.key_valid, rows.query_index, attn.window or 0,
+        attn.num_heads,
     )
     return out.view(B, 1, -1)
 
 
-def decode_geometry(cache: KVCache, cos: torch.Tensor, sin: torch.Tensor, B: int):
+def decode_geometry(cache: KVCache | RaggedDecodeView, cos: torch.Tensor, sin: torch.Tensor, B: int):
     """What the decode kernels take about a one-token step: cos/sin as contiguous (B, hd) (position_ids
-    may be (1, 1) for the whole batch, so they are expanded here), the cache slot the new key goes
-    to, the number of slots attended, and the step's layout (key_index, key_valid)."""
+    may be (1, 1) for the whole batch, so they are expanded here), the caches with each row's slot
+    and length (``DecodeRows``), and the step's layout (key_index, key_valid)."""
     hd = cos.shape[-1]
-    slot, S = cache.decode_slot()
     cos = cos.expand(B, 1, 1, hd).reshape(B, hd).contiguous()
     sin = sin.expand(B, 1, 1, hd).reshape(B, hd).contiguous()
-    return cos, sin, slot, S, cache._layout
+    return cos, sin, cache.decode_rows(), cache._layout
 
 
 # The gathering below reads modules' ``_modules`` / ``_parameters`` dicts directly: nn.Module's
@@ -282,10 +283,12 @@ def decode_layers(model: MixtralModel, h: torch.Tensor, cos: torch.Tensor, sin: 
         return None
     tensors, counts, quant_act = args
     B = h.shape[0]
-    cos, sin, slot, S, layout = decode_geometry(cache, cos, sin, B)
+    cos, sin, rows, layout = decode_geometry(cache, cos, sin, B)
+    layers = range(len(model.layers))
     out = cpu_kernels().decode_layers(
-        h.reshape(B, -1).contiguous(), cos, sin, tensors, counts, cache.k, cache.v, slot, S,
-        layout.key_index, layout.key_valid, cache.seen, config.sliding_window or 0,
+        h.reshape(B, -1).contiguous(), cos, sin, tensors, counts, [rows.keys(i) for i in layers],
+        [rows.values(i) for i in layers], rows.slots, rows.lengths, layout.key_index, layout.key_valid,
+        rows.query_index, config.sliding_window or 0,
         config.num_attention_heads, config.rms_norm_eps, config.num_experts_per_tok, quant_act,
     )
     return out.view(B, 1, -1)

@@ -378,49 +378,74 @@ void rms_norm_rows(const float* x, const float* w, int64_t N, int64_t H, double 
   }
 }
 
-// The experts step for N tokens. Per token, pass 1 runs in parallel over blocks of 32 intermediate
-// units of the K chosen experts: each task reads the block's gate and up rows, applies SwiGLU and
-// quantizes the block for the down product, so nothing between the two products runs serially.
-// Pass 2 runs the down rows of all K experts, weighted and summed into y (added to y if `accumulate`:
-// the residual add of the fused layer).
+// The experts step for N tokens, grouped by expert: each chosen expert's weights are read once per call
+// however many tokens chose it. (Token by token, a batch of 8 rows reads ~16 expert matrices a layer,
+// each from memory again once they outgrow the cache; grouped, at most the 8 there are.)
+// Pass 1 runs in parallel over (expert hit, block of 32 intermediate units): each task reads the
+// block's gate and up rows once, and for every slot of that expert applies SwiGLU and quantizes the
+// block for the down product, so nothing between the two products runs serially. Pass 2 runs in
+// parallel over output rows: each down row is read once for all slots of its expert, and each token's
+// K results are then weighted and summed in k order (added to y if `accumulate`: the residual add of
+// the fused layer). Every value is computed as it would be for that token alone, so a token's output
+// does not depend on what else is in the batch (bitwise).
 void experts_rows(const Weight& gate_up, const Weight& down, const float* x, const int64_t* ids,
                   const float* weights, int64_t N, int64_t K, int64_t E, bool quant_act, bool accumulate, float* y) {
-  const int64_t H = gate_up.K, I = down.K, nblk = (I + QB - 1) / QB;
-  std::vector<float> act(K * I);
-  std::vector<Weight> gu(K), dn(K);
-  for (int64_t n = 0; n < N; ++n) {
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t e = ids[n * K + k];
-      TORCH_CHECK(e >= 0 && e < E, "expert id ", e, " out of range [0, ", E, ")");
-      gu[k] = gate_up.at(e);
-      dn[k] = down.at(e);
-    }
-    const Acts xa = std::move(gate_up.acts_for(x + n * H, 1, quant_act).fill());
-    const Act xr = xa.row(0);
-    Acts aa = down.acts_for(act.data(), K, quant_act);
-    at::parallel_for(0, K * nblk, 1, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) {
-        const int64_t k = t / nblk, i0 = (t % nblk) * QB, i1 = std::min(I, i0 + QB);
-        for (int64_t i = i0; i < i1; ++i) {
-          const float g = gu[k].dot(i, xr), u = gu[k].dot(I + i, xr);
-          act[k * I + i] = g / (1.f + std::exp(-g)) * u;
-        }
-        if (aa.quantized()) aa.quantize(k, t % nblk);
-      }
-    });
-    if (!aa.quantized()) aa.fill();  // fp32 int4 path: group sums
-    std::vector<Act> ar(K);
-    for (int64_t k = 0; k < K; ++k) ar[k] = aa.row(k);
-    float* yn = y + n * H;
-    const float* wn = weights + n * K;
-    at::parallel_for(0, H, kGrain, [&](int64_t b, int64_t e) {
-      for (int64_t o = b; o < e; ++o) {
-        float s = 0.f;
-        for (int64_t k = 0; k < K; ++k) s += wn[k] * dn[k].dot(o, ar[k]);
-        yn[o] = accumulate ? yn[o] + s : s;
-      }
-    });
+  const int64_t H = gate_up.K, I = down.K, nblk = (I + QB - 1) / QB, S = N * K;
+  // Slot s = n * K + k. Expert e's slots, in slot order: order[first[e] .. first[e + 1]).
+  std::vector<int64_t> first(E + 1, 0), order(S), hit;
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK(ids[s] >= 0 && ids[s] < E, "expert id ", ids[s], " out of range [0, ", E, ")");
+    ++first[ids[s] + 1];
   }
+  for (int64_t e = 0; e < E; ++e) {
+    if (first[e + 1] > 0) hit.push_back(e);
+    first[e + 1] += first[e];
+  }
+  std::vector<int64_t> fill_at(first.begin(), first.end() - 1);
+  for (int64_t s = 0; s < S; ++s) order[fill_at[ids[s]]++] = s;
+
+  const Acts xa = std::move(gate_up.acts_for(x, N, quant_act).fill());
+  std::vector<float> act(S * I);
+  Acts aa = down.acts_for(act.data(), S, quant_act);
+  const int64_t nhit = hit.size();
+  at::parallel_for(0, nhit * nblk, 1, [&](int64_t b, int64_t end) {
+    for (int64_t t = b; t < end; ++t) {
+      const int64_t e = hit[t / nblk], blk = t % nblk, i0 = blk * QB, i1 = std::min(I, i0 + QB);
+      const Weight gu = gate_up.at(e);
+      // Slot by slot over the block's rows: they stay in cache for the next slot, and the row loop
+      // is the tight one (a decode layer's dots are short: H values).
+      for (int64_t j = first[e]; j < first[e + 1]; ++j) {
+        const int64_t s = order[j];
+        const Act xr = xa.row(s / K);
+        float* out = act.data() + s * I;
+        for (int64_t i = i0; i < i1; ++i) {
+          const float g = gu.dot(i, xr), u = gu.dot(I + i, xr);
+          out[i] = g / (1.f + std::exp(-g)) * u;
+        }
+        if (aa.quantized()) aa.quantize(s, blk);
+      }
+    }
+  });
+  if (!aa.quantized()) aa.fill();  // fp32 int4 path: group sums
+  std::vector<Act> ar(S);
+  for (int64_t s = 0; s < S; ++s) ar[s] = aa.row(s);
+  std::vector<float> ys(S * H);  // per slot: its expert's down product, before weighting
+  std::vector<Weight> dn(nhit);
+  for (int64_t h = 0; h < nhit; ++h) dn[h] = down.at(hit[h]);
+  at::parallel_for(0, H, kGrain, [&](int64_t b, int64_t end) {
+    // Row by row across the experts hit: one read stream per expert, as many in flight as experts.
+    for (int64_t o = b; o < end; ++o)
+      for (int64_t h = 0; h < nhit; ++h) {
+        const int64_t e = hit[h];
+        for (int64_t j = first[e]; j < first[e + 1]; ++j) ys[order[j] * H + o] = dn[h].dot(o, ar[order[j]]);
+      }
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t o = b; o < end; ++o) {
+        float sum = 0.f;
+        for (int64_t k = 0; k < K; ++k) sum += weights[n * K + k] * ys[(n * K + k) * H + o];
+        y[n * H + o] = accumulate ? y[n * H + o] + sum : sum;
+      }
+  });
 }
 
 // x (hd,) -> y (hd,) in the rotate-half layout: y = x * cos + cat(-x[half:], x[:half]) * sin.
@@ -430,47 +455,53 @@ inline void rotate_half(const float* x, const float* c, const float* s, int64_t 
   for (int64_t i = half; i < hd; ++i) y[i] = x[i] * c[i] + x[i - half] * s[i];
 }
 
-// The step's attention geometry, shared by all layers of a decode step.
+// The step's attention geometry, shared by all layers of a decode step. Rows need not share a cache
+// tensor: the server decodes requests of different lengths together, each in a cache of its own, so
+// every row has its own capacity, the slot its new key goes to and the number of leading slots it
+// attends over (S is the largest).
 struct Step {
-  int64_t B, nh, nkv, hd, C, slot, S, qpos, window;
+  int64_t B, nh, nkv, hd, S, qpos, window;
   const float *cos, *sin;         // (B, hd)
   const int64_t* key_index;       // (>= S,) token index per key, -1 = empty
   const bool* key_valid;          // (B, >= S) with row stride kv_stride
   int64_t kv_stride;
+  std::vector<int64_t> cap, slot, len;  // per row
   std::vector<uint8_t> allowed;   // (B, S): the mask rule, evaluated once per step
 };
 
-// Key j is visible iff key_index[j] in (qpos - window, qpos] (window 0 = none) and key_valid[b, j];
-// a row that sees nothing sees everything (as build_mask does: its output is never used).
+// Key j < len[b] is visible iff key_index[j] in (qpos - window, qpos] (window 0 = none) and
+// key_valid[b, j]; a row that sees nothing sees all its keys (as build_mask does: its output is never
+// used).
 void fill_allowed(Step& st) {
   st.allowed.assign(st.B * st.S, 0);
   for (int64_t b = 0; b < st.B; ++b) {
     bool any = false;
-    for (int64_t j = 0; j < st.S; ++j) {
+    for (int64_t j = 0; j < st.len[b]; ++j) {
       const int64_t t = st.key_index[j];
       const bool ok = t >= 0 && t <= st.qpos && (st.window <= 0 || t > st.qpos - st.window)
                       && st.key_valid[b * st.kv_stride + j];
       st.allowed[b * st.S + j] = ok;
       any = any || ok;
     }
-    if (!any) std::fill(st.allowed.begin() + b * st.S, st.allowed.begin() + (b + 1) * st.S, 1);
+    if (!any) std::fill(st.allowed.begin() + b * st.S, st.allowed.begin() + b * st.S + st.len[b], 1);
   }
 }
 
-// One query per row: rotary on q and k, k/v written into cache slot `slot`, then attention of every
-// query head over the S keys held (GQA: query head h reads kv head h / (nh / nkv)).
-// qkv (B, (nh + 2 nkv) hd) -> out (B, nh hd); kc, vc (B, nkv, C, hd).
-void attention_rows(const Step& st, const float* qkv, float* kc, float* vc, float* out) {
-  const int64_t B = st.B, nh = st.nh, nkv = st.nkv, hd = st.hd, C = st.C, S = st.S, rep = nh / nkv;
+// One query per row: rotary on q and k, k/v written into the row's cache slot, then attention of every
+// query head over the row's keys (GQA: query head h reads kv head h / (nh / nkv)).
+// qkv (B, (nh + 2 nkv) hd) -> out (B, nh hd); kc[b], vc[b]: row b's cache (nkv, cap[b], hd).
+void attention_rows(const Step& st, const float* qkv, const std::vector<float*>& kc, const std::vector<float*>& vc,
+                    float* out) {
+  const int64_t B = st.B, nh = st.nh, nkv = st.nkv, hd = st.hd, S = st.S, rep = nh / nkv;
   const int64_t D = (nh + 2 * nkv) * hd;
   std::vector<float> qr(B * nh * hd);
   for (int64_t b = 0; b < B; ++b) {
     const float *row = qkv + b * D, *c = st.cos + b * hd, *s = st.sin + b * hd;
     for (int64_t h = 0; h < nh; ++h) rotate_half(row + h * hd, c, s, hd, qr.data() + (b * nh + h) * hd);
     for (int64_t g = 0; g < nkv; ++g) {
-      const int64_t at = ((b * nkv + g) * C + st.slot) * hd;
-      rotate_half(row + (nh + g) * hd, c, s, hd, kc + at);
-      std::copy(row + (nh + nkv + g) * hd, row + (nh + nkv + g + 1) * hd, vc + at);
+      const int64_t at = (g * st.cap[b] + st.slot[b]) * hd;
+      rotate_half(row + (nh + g) * hd, c, s, hd, kc[b] + at);
+      std::copy(row + (nh + nkv + g) * hd, row + (nh + nkv + g + 1) * hd, vc[b] + at);
     }
   }
   const float scale = 1.f / std::sqrt(float(hd));
@@ -479,20 +510,20 @@ void attention_rows(const Step& st, const float* qkv, float* kc, float* vc, floa
   at::parallel_for(0, B * nh, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> p(S);
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / nh, g = (bh % nh) / rep;
+      const int64_t b = bh / nh, g = (bh % nh) / rep, n = st.len[b];
       const float* q = qr.data() + bh * hd;
-      const float* keys = kc + (b * nkv + g) * C * hd;
-      const float* vals = vc + (b * nkv + g) * C * hd;
+      const float* keys = kc[b] + g * st.cap[b] * hd;
+      const float* vals = vc[b] + g * st.cap[b] * hd;
       const uint8_t* ok = st.allowed.data() + b * S;
       float mx = -INFINITY;
-      for (int64_t j = 0; j < S; ++j)
+      for (int64_t j = 0; j < n; ++j)
         if (ok[j]) { p[j] = dot_widened(q, keys + j * hd, hd) * scale; mx = std::max(mx, p[j]); }
       float sum = 0.f;
-      for (int64_t j = 0; j < S; ++j) { p[j] = ok[j] ? std::exp(p[j] - mx) : 0.f; sum += p[j]; }
+      for (int64_t j = 0; j < n; ++j) { p[j] = ok[j] ? std::exp(p[j] - mx) : 0.f; sum += p[j]; }
       float* o = out + bh * hd;
       std::fill(o, o + hd, 0.f);
       const float inv = 1.f / sum;
-      for (int64_t j = 0; j < S; ++j) {
+      for (int64_t j = 0; j < n; ++j) {
         if (!ok[j]) continue;
         const float w = p[j] * inv;
         const float* v = vals + j * hd;
@@ -533,21 +564,39 @@ void check_x(const torch::Tensor& x, int64_t K) {
               "x must be contiguous fp32 (N, ", K, "), got ", x.sizes());
 }
 
-Step make_step(const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& k_cache, int64_t slot,
-               int64_t S, const torch::Tensor& key_index, const torch::Tensor& key_valid, int64_t qpos,
-               int64_t window, int64_t num_heads) {
+// `caches`: one layer's cache tensors, each (rows, nkv, capacity, hd), holding the B rows in order (one
+// tensor for a batch cache, one per request for the server). `slots` / `lengths`: per row, the slot the
+// new key goes to and how many leading slots it attends over.
+Step make_step(const torch::Tensor& cos, const torch::Tensor& sin, const std::vector<torch::Tensor>& caches,
+               const std::vector<int64_t>& slots, const std::vector<int64_t>& lengths, const torch::Tensor& key_index,
+               const torch::Tensor& key_valid, int64_t qpos, int64_t window, int64_t num_heads) {
+  TORCH_CHECK(!caches.empty() && caches[0].dim() == 4, "caches must be (rows, nkv, capacity, hd) tensors");
   Step st;
-  st.B = k_cache.size(0); st.nkv = k_cache.size(1); st.C = k_cache.size(2); st.hd = k_cache.size(3);
-  st.nh = num_heads; st.slot = slot; st.S = S; st.qpos = qpos; st.window = window;
-  TORCH_CHECK(st.nh % st.nkv == 0 && st.hd % 2 == 0 && slot >= 0 && slot < st.C && S >= 1 && S <= st.C,
-              "bad attention sizes");
+  st.nkv = caches[0].size(1); st.hd = caches[0].size(3);
+  st.nh = num_heads; st.qpos = qpos; st.window = window;
+  for (const auto& c : caches) {
+    TORCH_CHECK(c.dim() == 4 && c.size(1) == st.nkv && c.size(3) == st.hd, "caches of one step must agree in ",
+                "(nkv, hd): ", c.sizes(), " vs ", caches[0].sizes());
+    for (int64_t r = 0; r < c.size(0); ++r) st.cap.push_back(c.size(2));
+  }
+  st.B = st.cap.size();
+  TORCH_CHECK(int64_t(slots.size()) == st.B && int64_t(lengths.size()) == st.B, "one slot and length per row (",
+              st.B, " rows), got ", slots.size(), " and ", lengths.size());
+  st.slot = slots; st.len = lengths;
+  st.S = 0;
+  for (int64_t b = 0; b < st.B; ++b) {
+    TORCH_CHECK(st.slot[b] >= 0 && st.slot[b] < st.len[b] && st.len[b] <= st.cap[b], "row ", b, ": slot ",
+                st.slot[b], " and length ", st.len[b], " do not fit its cache of ", st.cap[b]);
+    st.S = std::max(st.S, st.len[b]);
+  }
+  TORCH_CHECK(st.nh % st.nkv == 0 && st.hd % 2 == 0, "bad attention sizes");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == torch::kFloat
               && sin.scalar_type() == torch::kFloat && cos.numel() == st.B * st.hd && sin.numel() == st.B * st.hd,
               "cos/sin must be contiguous fp32 (B, hd)");
-  TORCH_CHECK(key_index.scalar_type() == torch::kLong && key_index.is_contiguous() && key_index.numel() >= S,
+  TORCH_CHECK(key_index.scalar_type() == torch::kLong && key_index.is_contiguous() && key_index.numel() >= st.S,
               "key_index must be contiguous int64 (>= S,)");
   TORCH_CHECK(key_valid.scalar_type() == torch::kBool && key_valid.dim() == 2 && key_valid.size(0) == st.B
-              && key_valid.size(1) >= S && key_valid.stride(1) == 1, "key_valid must be bool (B, >= S)");
+              && key_valid.size(1) >= st.S && key_valid.stride(1) == 1, "key_valid must be bool (B, >= S)");
   st.cos = cos.data_ptr<float>(); st.sin = sin.data_ptr<float>();
   st.key_index = key_index.data_ptr<int64_t>();
   st.key_valid = key_valid.data_ptr<bool>();
@@ -556,11 +605,21 @@ Step make_step(const torch::Tensor& cos, const torch::Tensor& sin, const torch::
   return st;
 }
 
-void check_cache(const torch::Tensor& k, const torch::Tensor& v, const Step& st) {
-  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.scalar_type() == torch::kFloat
-              && v.scalar_type() == torch::kFloat && k.dim() == 4 && k.size(0) == st.B && k.size(1) == st.nkv
-              && k.size(2) == st.C && k.size(3) == st.hd && v.sizes() == k.sizes(),
-              "caches must be contiguous fp32 (B, nkv, C, hd), all layers alike");
+// Each row's (nkv, capacity, hd) block in one layer's k or v cache tensors, checked against the step.
+std::vector<float*> cache_rows(const std::vector<torch::Tensor>& caches, const Step& st) {
+  std::vector<float*> rows;
+  for (const auto& c : caches) {
+    TORCH_CHECK(c.is_contiguous() && c.scalar_type() == torch::kFloat && c.device().is_cpu() && c.dim() == 4
+                && c.size(1) == st.nkv && c.size(3) == st.hd, "caches must be contiguous fp32 CPU (rows, ", st.nkv,
+                ", capacity, ", st.hd, "), got ", c.sizes());
+    for (int64_t r = 0; r < c.size(0); ++r) {
+      const int64_t b = rows.size();
+      TORCH_CHECK(b < st.B && c.size(2) == st.cap[b], "every layer's caches must hold the rows alike");
+      rows.push_back(c.data_ptr<float>() + r * st.nkv * st.cap[b] * st.hd);
+    }
+  }
+  TORCH_CHECK(int64_t(rows.size()) == st.B, "a layer's caches hold ", rows.size(), " rows, the step ", st.B);
+  return rows;
 }
 
 }  // namespace
@@ -639,18 +698,19 @@ torch::Tensor dequantize_q4(torch::Tensor q, torch::Tensor scale, torch::Tensor 
   return w;
 }
 
-// Decode attention of one layer: qkv (B, (nh + 2 nkv) hd), cos/sin (B, hd), caches (B, nkv, C, hd),
-// key_index (S,) token index per key (-1 = empty), key_valid (B, >= S) -> (B, nh hd).
-torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
-                               torch::Tensor v_cache, int64_t slot, int64_t S, torch::Tensor key_index,
+// Decode attention of one layer: qkv (B, (nh + 2 nkv) hd), cos/sin (B, hd), the layer's k and v cache
+// tensors (see make_step), key_index (>= S,) token index per key (-1 = empty), key_valid (B, >= S)
+// -> (B, nh hd).
+torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
+                               std::vector<torch::Tensor> k_caches, std::vector<torch::Tensor> v_caches,
+                               std::vector<int64_t> slots, std::vector<int64_t> lengths, torch::Tensor key_index,
                                torch::Tensor key_valid, int64_t qpos, int64_t window, int64_t num_heads) {
-  const Step st = make_step(cos, sin, k_cache, slot, S, key_index, key_valid, qpos, window, num_heads);
-  check_cache(k_cache, v_cache, st);
+  const Step st = make_step(cos, sin, k_caches, slots, lengths, key_index, key_valid, qpos, window, num_heads);
+  const std::vector<float*> kc = cache_rows(k_caches, st), vc = cache_rows(v_caches, st);
   check_x(qkv, (st.nh + 2 * st.nkv) * st.hd);
   TORCH_CHECK(qkv.size(0) == st.B, "qkv has ", qkv.size(0), " rows, the cache ", st.B);
   auto out = torch::empty({st.B, st.nh * st.hd}, qkv.options());
-  attention_rows(st, qkv.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-                 out.data_ptr<float>());
+  attention_rows(st, qkv.data_ptr<float>(), kc, vc, out.data_ptr<float>());
   return out;
 }
 
@@ -675,16 +735,17 @@ std::vector<torch::Tensor> route(torch::Tensor x, torch::Tensor w, int64_t top_k
 //
 // `tensors` holds each layer's weights in order: input norm, qkv, o, post-attention norm, router,
 // gate_up, down; `counts` holds, per layer, how many tensors its qkv, o, gate_up and down take (1 fp32,
-// 2 int8, 3 int4). k_caches / v_caches: one (B, nkv, C, hd) tensor per layer.
+// 2 int8, 3 int4). k_caches / v_caches: per layer, its cache tensors (see make_step).
 torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> tensors,
-                            std::vector<int64_t> counts, std::vector<torch::Tensor> k_caches,
-                            std::vector<torch::Tensor> v_caches, int64_t slot, int64_t S, torch::Tensor key_index,
-                            torch::Tensor key_valid, int64_t qpos, int64_t window, int64_t num_heads, double eps,
-                            int64_t top_k, bool quant_act) {
+                            std::vector<int64_t> counts, std::vector<std::vector<torch::Tensor>> k_caches,
+                            std::vector<std::vector<torch::Tensor>> v_caches, std::vector<int64_t> slots,
+                            std::vector<int64_t> lengths, torch::Tensor key_index, torch::Tensor key_valid,
+                            int64_t qpos, int64_t window, int64_t num_heads, double eps, int64_t top_k,
+                            bool quant_act) {
   const int64_t L = k_caches.size();
   TORCH_CHECK(L >= 1 && v_caches.size() == size_t(L) && counts.size() == size_t(4 * L),
-              "one k and v cache and four weight counts per layer");
-  const Step st = make_step(cos, sin, k_caches[0], slot, S, key_index, key_valid, qpos, window, num_heads);
+              "k and v caches and four weight counts per layer");
+  const Step st = make_step(cos, sin, k_caches[0], slots, lengths, key_index, key_valid, qpos, window, num_heads);
   const int64_t B = st.B, H = x.size(1), D = (st.nh + 2 * st.nkv) * st.hd, A = st.nh * st.hd;
   check_x(x, H);
   TORCH_CHECK(x.size(0) == B, "x has ", x.size(0), " rows, the cache ", B);
@@ -705,7 +766,7 @@ torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor si
     return w;
   };
   for (int64_t l = 0; l < L; ++l) {
-    check_cache(k_caches[l], v_caches[l], st);
+    const std::vector<float*> kc = cache_rows(k_caches[l], st), vc = cache_rows(v_caches[l], st);
     const float* ln1 = vec(H);
     const Weight wqkv = weight(counts[4 * l], false);
     const Weight wo = weight(counts[4 * l + 1], false);
@@ -722,7 +783,7 @@ torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor si
 
     rms_norm_rows(h, ln1, B, H, eps, xn.data());
     wqkv.apply(xn.data(), B, qkv.data(), quant_act);
-    attention_rows(st, qkv.data(), k_caches[l].data_ptr<float>(), v_caches[l].data_ptr<float>(), attn.data());
+    attention_rows(st, qkv.data(), kc, vc, attn.data());
     wo.apply(attn.data(), B, xn.data(), quant_act);  // xn reused as the o-projection output
     for (int64_t j = 0; j < B * H; ++j) h[j] += xn[j];
     rms_norm_rows(h, ln2, B, H, eps, xn.data());

@@ -3,6 +3,7 @@
 ``engine`` needs only torch; ``server`` needs fastapi/uvicorn, imported only when it is used.
 """
 
-from .engine import Delta, Engine, Failed, Finished, RaggedDecodeView, Request
+from ..cache import RaggedDecodeView  # defined beside KVCache since the decode kernels take it too
+from .engine import Delta, Engine, Failed, Finished, Request
 
 __all__ = ["Delta", "Engine", "Failed", "Finished", "RaggedDecodeView", "Request"]

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cache import KVCache, StepLayout
+from ..cache import KVCache, RaggedDecodeView
 from ..generation import SamplingParams, decode_step, next_token, prefill
 
 log = logging.getLogger("mixtral.serve")
@@ -66,64 +66,6 @@ class Request:
 
     def cancel(self) -> None:
         self.cancelled = True
-
-
-class RaggedDecodeView:
-    """The KVCache protocol over several batch-1 caches, for one decode step (T=1) of all of them.
-
-    The model sees B rows; row i reads and writes ``caches[i]``. Rows hold different numbers of
-    keys, so ``update`` returns them stacked and zero-padded to the longest (S), and the layout's
-    ``key_valid`` (B, S) marks each row's real keys. Each row's own cache already resolved which
-    of its slots the new query may see (a rolling buffer only holds the window), so the shared
-    ``key_index``/``query_index`` are all zeros: every valid key passes the causal and window tests
-    and the mask reduces to ``key_valid``.
-    """
-
-    def __init__(self, caches: Sequence[KVCache]) -> None:
-        self.caches = list(caches)
-        self.window = self.caches[0].window
-        self.batch_size = len(self.caches)
-        self._lengths: list[int] = []
-
-    @property
-    def row_positions(self) -> torch.Tensor:
-        return torch.cat([c.row_positions for c in self.caches])
-
-    @property
-    def seen(self) -> int:
-        return max(c.seen for c in self.caches)
-
-    def begin(self, new_valid: torch.Tensor | None, num_new: int) -> StepLayout:
-        if num_new != 1 or (new_valid is not None and not bool(new_valid.all())):
-            raise ValueError("RaggedDecodeView decodes one unpadded token per row")
-        layouts = [c.begin(None, 1) for c in self.caches]
-        self._lengths = [lay.key_index.shape[0] for lay in layouts]
-        S = max(self._lengths)
-        device = layouts[0].key_index.device
-        key_valid = torch.zeros(self.batch_size, S, dtype=torch.bool, device=device)
-        for i, lay in enumerate(layouts):
-            key_valid[i, : self._lengths[i]] = lay.key_valid[0] & (lay.key_index >= 0)
-        zeros = torch.zeros(S, dtype=torch.long, device=device)
-        all_valid = len(set(self._lengths)) == 1 and bool(key_valid.all())
-        return StepLayout(zeros, key_valid, zeros[:1], all_valid)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v (B, nkv, 1, hd) -> keys, values (B, nkv, S, hd), zeros past each row's length."""
-        rows = [c.update(layer, k[i : i + 1], v[i : i + 1]) for i, c in enumerate(self.caches)]
-        if len(set(self._lengths)) == 1:
-            return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
-        S = max(self._lengths)
-        B, nkv, _, hd = k.shape
-        keys = k.new_zeros(B, nkv, S, hd)  # zeros, not garbage: a masked NaN would still poison p @ v
-        values = v.new_zeros(B, nkv, S, hd)
-        for i, (rk, rv) in enumerate(rows):
-            keys[i, :, : rk.shape[2]] = rk[0]
-            values[i, :, : rv.shape[2]] = rv[0]
-        return keys, values
-
-    def end(self) -> None:
-        for c in self.caches:
-            c.end()
 
 
 class Detokenizer:
