@@ -1,26 +1,36 @@
 """Mixtral-8x7B on one GPU: our decode/prefill against the card's own ceilings and transformers.
 
-    python bench/gpu.py                 # everything, ~5 min on an H100/H200; table + JSON
-    python bench/gpu.py --quick         # fewer steps and batch sizes (a smoke run)
+    python bench/gpu.py                 # the stages below, most important first, within --budget s
+    python bench/gpu.py --tune          # ... and candidate block sizes with the time left
     python bench/gpu.py --tune-only     # the ceilings, then candidate block sizes (--tune-budget s),
                                         # each case also as weight GB/s against the copy bandwidth
+    python bench/gpu.py --smoke         # every stage on the CPU with a tiny model (a CI test runs it
+                                        # under TRITON_INTERPRET=1): no device time goes to a typo
     python bench/gpu.py --json out.json # write the results ($OUT/gpu_bench.json by default if $OUT is set)
 
-What it does, in one process:
+Why a budget: a lent GPU comes with 15 minutes of device time per task, its start included, so a
+session gets one full call and perhaps a rerun. The stages run in order of what the GPU issue most
+needs; one that would not fit in what is left of ``--budget`` is skipped (and says so), one that
+fails is recorded and the rest go on, and the JSON is written after every stage with the seconds
+each took, so a later call can be planned from those.
+
+The stages, in one process:
 1. Ceilings: copy bandwidth (a 4 GiB device-to-device copy; read + write bytes) and the bf16
    matmul rate (8192^3). Every later figure is stated as a fraction of these two.
 2. Builds Mixtral-8x7B-shaped weights directly on the device (random, std 0.02; no checkpoint).
    Format: bf16 when the card holds the 93 GB (H200), else int8 weight-only attention and experts
    (``mixtral.quant``'s format, 47 GB) -- the format is printed in the table.
-3. Decode: prefill a 128-token prompt, then time graph-replayed decode steps (``GraphDecoder``,
-   layers compiled by torch.compile; batch 1 also without) at batch 1/8/32/64. Roofline for a
-   step = bytes that must be read (attention + lm_head weights, the experts actually routed to in
-   each layer -- counted with a hook in one eager step -- and the KV cache) / copy bandwidth.
-4. Prefill of 4096 tokens at batch 1: FLOPs of the expert and attention products / time, against
-   the measured matmul rate.
-5. transformers' MixtralForCausalLM (its default experts path, bf16, eager decode with its cache)
+3. Decode at batch 1: prefill a 128-token prompt, then time graph-replayed decode steps
+   (``GraphDecoder``, layers compiled by torch.compile). Roofline for a step = bytes that must be
+   read (attention + lm_head weights, the experts actually routed to in each layer -- counted with
+   a hook in one eager step -- and the KV cache) / copy bandwidth.
+4. transformers' MixtralForCausalLM (its default experts path, bf16, eager decode with its cache)
    with a reduced layer count beside ours holding its very weights, compared per layer; the
    relative error of our prompt logits against its logits checks the GPU path end to end.
+5. Prefill of 4096 tokens at batch 1: FLOPs of the expert and attention products / time, against
+   the measured matmul rate.
+6. Batch 1 captured without torch.compile (what the compiled fusion is worth), then batch 8/32/64.
+7. With ``--tune``: candidate block sizes in the time left.
 """
 
 from __future__ import annotations
@@ -29,24 +39,35 @@ import argparse
 import json
 import os
 import time
+import traceback
 
 import torch
 
 from mixtral import MixtralConfig, MixtralForCausalLM
 from mixtral.cache import KVCache
 from mixtral.checkpoint import from_state_dict
-from mixtral.kernels.cuda_graph import GraphDecoder, StaticCache
+from mixtral.kernels.cuda_graph import GraphDecoder, StaticCache, decode_step, sample_on_device
 from mixtral.kernels.fused_moe import fused_experts, fused_experts_quantized, quantized_linear
 from mixtral.kernels.moe_configs import MoeConfig, get_config
 from mixtral.quant import quantize_int4, quantize_int8, quantize_model
 
 GiB = 1 << 30
 
+# The smoke run's model: every stage's code on shapes the CPU (and Triton's interpreter) run in seconds.
+SMOKE_CONFIG = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=512)
 
-def cuda_time(fn, iters: int, warmup: int = 2) -> float:
-    """Mean seconds per call, by CUDA events around ``iters`` calls."""
+
+def per_call(fn, iters: int, warmup: int = 2) -> float:
+    """Mean seconds per call over ``iters`` calls after ``warmup``: CUDA events around them on a GPU,
+    the wall clock elsewhere (the smoke run)."""
     for _ in range(warmup):
         fn()
+    if not torch.cuda.is_available():
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t0) / iters
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
@@ -57,18 +78,18 @@ def cuda_time(fn, iters: int, warmup: int = 2) -> float:
     return start.elapsed_time(end) / 1e3 / iters
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device copy of 4 GiB: bytes read + written per second."""
-    src = torch.empty(4 * GiB, dtype=torch.uint8, device="cuda")
+def copy_bandwidth(device: str, nbytes: int = 4 * GiB) -> float:
+    """Device-to-device copy of ``nbytes``: bytes read + written per second."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 256)
     dst = torch.empty_like(src)
-    return 2 * src.numel() / cuda_time(lambda: dst.copy_(src), 10)
+    return 2 * src.numel() / per_call(lambda: dst.copy_(src), 10)
 
 
-def matmul_rate(n: int = 8192) -> float:
-    """bf16 (n x n) @ (n x n): FLOP/s."""
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    return 2 * n**3 / cuda_time(lambda: a @ b, 20)
+def matmul_rate(device: str, n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
+    """(n x n) @ (n x n) on random data: FLOP/s."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / per_call(lambda: a @ b, 20)
 
 
 def build_model(config: MixtralConfig, fmt: str, device: str = "cuda") -> MixtralForCausalLM:
@@ -128,15 +149,27 @@ def experts_read(model, tokens: torch.Tensor, cache: KVCache) -> int:
     return sum(counts)
 
 
+class EagerDecoder:
+    """The smoke run's stand-in for ``GraphDecoder`` (no graphs on a CPU): the same static-cache step,
+    run eagerly, behind the same ``step(tokens) -> next tokens``."""
+
+    def __init__(self, model, cache: StaticCache) -> None:
+        self.model, self.cache = model, cache
+        self.valid = torch.ones(cache.slot_valid.shape[0], dtype=torch.bool, device=cache.seen.device)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return sample_on_device(decode_step(self.model, self.cache, tokens, self.valid), 0.0, None)
+
+
 def bench_decode(model, batch: int, prompt: int, steps: int, bw: float, compile: bool = True) -> dict:
-    config = model.config
+    config, device = model.config, model.device
     capacity = prompt + steps + 8
-    ids = torch.randint(0, config.vocab_size, (batch, prompt), device="cuda")
-    static = StaticCache(config, batch, capacity, torch.bfloat16, "cuda")
+    ids = torch.randint(0, config.vocab_size, (batch, prompt), device=device)
+    static = StaticCache(config, batch, capacity, model.dtype, device)
     t0 = time.perf_counter()
-    decoder = GraphDecoder(model, static, compile=compile)
+    decoder = GraphDecoder(model, static, compile=compile) if device.type == "cuda" else EagerDecoder(model, static)
     capture_s = time.perf_counter() - t0
-    cache = KVCache.for_model(config, batch, capacity=capacity, dtype=torch.bfloat16, device="cuda")
+    cache = KVCache.for_model(config, batch, capacity=capacity, dtype=model.dtype, device=device)
     logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     tok = logits.argmax(-1)
     static.load(cache)
@@ -149,49 +182,57 @@ def bench_decode(model, batch: int, prompt: int, steps: int, bw: float, compile:
     def step():
         state["tok"] = decoder.step(state["tok"])
 
-    sec = cuda_time(step, steps, warmup=3)
+    sec = per_call(step, steps, warmup=3)
     tok_s = batch / sec
     roof = batch * bw / step_bytes
-    return dict(batch=batch, compiled=compile, step_ms=sec * 1e3, tok_s=tok_s, roofline_tok_s=roof,
-                pct_roofline=100 * tok_s / roof,
+    graph = device.type == "cuda"
+    return dict(batch=batch, graph=graph, compiled=compile and graph, step_ms=sec * 1e3, tok_s=tok_s,
+                roofline_tok_s=roof, pct_roofline=100 * tok_s / roof,
                 experts_read_per_layer=read / len(model.model.layers), step_gb=step_bytes / 1e9,
                 capture_s=capture_s)
 
 
-def bench_prefill(model, T: int, flops_rate: float) -> dict:
-    config = model.config
-    ids = torch.randint(0, config.vocab_size, (1, T), device="cuda")
-
-    def run():
-        cache = KVCache.for_model(config, 1, capacity=T, dtype=torch.bfloat16, device="cuda")
-        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-
-    sec = cuda_time(run, 3, warmup=1)
+def prefill_flops(config: MixtralConfig, T: int) -> float:
+    """FLOPs of a T-token prefill's matrix products: experts (top-k of them per token), attention
+    projections, and the causal QK^T and PV products (over the window when there is one)."""
     H, I, L, K = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_experts_per_tok
     nh, nkv, hd = config.num_attention_heads, config.num_key_value_heads, config.dim_per_head
     expert = T * K * 2 * (H * 2 * I + I * H)
     proj = T * 2 * H * (nh * hd + 2 * nkv * hd + nh * hd)
     span = T if config.sliding_window is None else min(T, config.sliding_window)
     scores = 2 * 2 * nh * hd * T * span / 2  # QK^T and PV, causal half
-    flops = L * (expert + proj + scores)
+    return L * (expert + proj + scores)
+
+
+def bench_prefill(model, T: int, flops_rate: float) -> dict:
+    config, device = model.config, model.device
+    ids = torch.randint(0, config.vocab_size, (1, T), device=device)
+
+    def run():
+        cache = KVCache.for_model(config, 1, capacity=T, dtype=model.dtype, device=device)
+        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+    sec = per_call(run, 3, warmup=1)
+    flops = prefill_flops(config, T)
     return dict(tokens=T, seconds=sec, tok_s=T / sec, tflops=flops / sec / 1e12,
                 pct_matmul=100 * flops / sec / flops_rate)
 
 
-def bench_transformers(layers: int, batch: int, steps: int) -> dict | None:
+def bench_transformers(config: MixtralConfig, batch: int, steps: int, device: str, compile: bool = True) -> dict | None:
     """transformers' MixtralForCausalLM (its default experts path, bf16, eager decode with its
     cache) and ours holding its very weights (``from_state_dict``), side by side with the same layer
-    count: per-layer decode time, and how far our logits are from its logits on one prompt."""
+    count (``config``'s): per-layer decode time, and how far our logits are from its logits on one
+    prompt."""
     try:
         import transformers
     except ImportError:
         return None
-    hcfg = transformers.MixtralConfig(num_hidden_layers=layers)
-    with torch.device("cuda"):
-        hm = transformers.MixtralForCausalLM(hcfg).to(torch.bfloat16).eval()
-    ours = from_state_dict(MixtralForCausalLM, hm.state_dict(), MixtralConfig(num_hidden_layers=layers),
-                           dtype=torch.bfloat16, device="cuda")
-    ids = torch.randint(0, hcfg.vocab_size, (batch, 128), device="cuda")
+    hcfg = transformers.MixtralConfig.from_dict(config.to_dict())
+    with torch.device(device):  # made in bf16: an fp32 copy of even 2 layers is 12 GB beside our model
+        hm = transformers.MixtralForCausalLM._from_config(hcfg, dtype=torch.bfloat16).eval()
+    ours = from_state_dict(MixtralForCausalLM, hm.state_dict(), config, dtype=torch.bfloat16, device=device)
+    prompt = min(128, config.max_position_embeddings // 4)
+    ids = torch.randint(0, hcfg.vocab_size, (batch, prompt), device=device)
     out = hm(input_ids=ids, use_cache=True)
     want = out.logits[:, -1].float()
     got = ours(input_ids=ids, logits_to_keep=1).logits[:, -1].float()
@@ -202,11 +243,13 @@ def bench_transformers(layers: int, batch: int, steps: int) -> dict | None:
         o = hm(input_ids=state["tok"][:, None], past_key_values=state["cache"], use_cache=True)
         state["tok"] = o.logits[:, -1].argmax(-1)
 
-    hf_sec = cuda_time(step, steps)
-    ours_sec = bench_decode(ours, batch, 128, steps, 1.0)["step_ms"] / 1e3
-    return dict(layers=layers, batch=batch, hf_ms_per_layer=hf_sec * 1e3 / layers,
-                ours_ms_per_layer=ours_sec * 1e3 / layers, speedup=hf_sec / ours_sec,
-                prompt_logits_rel_err=rel_err)
+    hf_sec = per_call(step, steps)
+    ours_sec = bench_decode(ours, batch, prompt, steps, 1.0, compile)["step_ms"] / 1e3
+    layers = config.num_hidden_layers
+    return dict(layers=layers, batch=batch, transformers=transformers.__version__,
+                experts_implementation=getattr(hm.config, "_experts_implementation", None),
+                hf_ms_per_layer=hf_sec * 1e3 / layers, ours_ms_per_layer=ours_sec * 1e3 / layers,
+                speedup=hf_sec / ours_sec, prompt_logits_rel_err=rel_err)
 
 
 def _as_dict(c) -> dict:
@@ -214,7 +257,7 @@ def _as_dict(c) -> dict:
     return c._asdict() if isinstance(c, MoeConfig) else {"gate_up": c[0]._asdict(), "down": c[1]._asdict()}
 
 
-def _best(name: str, current, candidates, run, deadline: float) -> dict:
+def _best(name: str, current, candidates, run, deadline: float, iters: int = 10) -> dict:
     """Time ``current`` (the table's entry, or its (gate_up, down) pair) first, then candidates
     until ``deadline``."""
     timed = {}
@@ -222,7 +265,7 @@ def _best(name: str, current, candidates, run, deadline: float) -> dict:
         if c is not current and time.perf_counter() > deadline:
             break
         try:
-            timed[c] = cuda_time(lambda c=c: run(c), 10)
+            timed[c] = per_call(lambda c=c: run(c), iters, warmup=min(iters, 2))
         except Exception as exc:  # e.g. out of shared memory for a large tile
             print(f"  skip {c}: {type(exc).__name__}")
     best = min(timed, key=timed.get)
@@ -250,15 +293,17 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def tune(fmt: str, budget_s: float, bw: float) -> list[dict]:
-    """Time candidate block sizes for one layer's experts (and, for int8, the attention
-    projections) in the benchmark's format, within ``budget_s`` seconds: the table's current
-    entry first, so each row says what tuning would gain. Rows are for ``moe_configs``; each also
-    gives the weight bytes read per call against the copy bandwidth ``bw``."""
+def tune(fmt: str, budget_s: float, bw: float, config: MixtralConfig, device: str, smoke: bool = False) -> list[dict]:
+    """Time candidate block sizes for one layer's experts (and, for int8/int4, the attention
+    projections) of ``config`` in the benchmark's format, within ``budget_s`` seconds: the table's
+    current entry first, so each row says what tuning would gain. Rows are for ``moe_configs``; each
+    also gives the weight bytes read per call against the copy bandwidth ``bw``. ``smoke``: one
+    candidate a case, one timed call each, and prefill at 80 tokens, for the interpreter."""
     deadline = time.perf_counter() + budget_s
-    E, H, I = 8, 4096, 14336
-    w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) * 0.02
-    w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) * 0.02
+    E, H, I, K = config.num_local_experts, config.hidden_size, config.intermediate_size, config.num_experts_per_tok
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the interpreter's dots run in fp32
+    w13 = torch.randn(E, 2 * I, H, device=device, dtype=dtype) * 0.02
+    w2 = torch.randn(E, H, I, device=device, dtype=dtype) * 0.02
     if fmt == "bf16":
         experts = lambda x, ids, w, c: fused_experts(x, ids, w, w13, w2, config=c)  # noqa: E731
         per_expert = _nbytes([w13, w2]) // E
@@ -272,132 +317,219 @@ def tune(fmt: str, budget_s: float, bw: float) -> list[dict]:
               for s in (3, 4)]
     prefill = [MoeConfig(m, n, k, w, s) for m in (64, 128) for n in (64, 128) for k in (32, 64) for w in (4, 8)
                for s in (3, 4)]
+    sizes, splits, iters = (1, 8, 32, 64, 4096), (2, 4), 10
+    if smoke:
+        decode, prefill, sizes, splits, iters = decode[:1], prefill[:1], (1, 80), (2,), 1
     rows = []
-    for N in (1, 8, 32, 64, 4096):
-        x = torch.randn(N, H, device="cuda", dtype=torch.bfloat16)
-        ids = torch.rand(N, E, device="cuda").topk(2, dim=-1).indices
-        w = torch.full((N, 2), 0.5, device="cuda")
+    for N in sizes:
+        x = torch.randn(N, H, device=device, dtype=dtype)
+        ids = torch.rand(N, E, device=device).topk(K, dim=-1).indices
+        w = torch.full((N, K), 1 / K, device=device)
         fits = decode if N <= 64 else prefill
         if N <= 8:  # few programs in the down product: try splitting its K (I) two and four ways
-            fits = fits + [c._replace(split_k=sk) for c in fits for sk in (2, 4)]
+            fits = fits + [c._replace(split_k=sk) for c in fits for sk in splits]
         # The table's (gate_up, down) pair first, as the model would run it; candidates use one
         # config for both products (they share block_m anyway).
-        current = (get_config("gate_up", fmt, N, 2, E, 2 * I, H), get_config("down", fmt, N, 2, E, H, I))
+        current = (get_config("gate_up", fmt, N, K, E, 2 * I, H), get_config("down", fmt, N, K, E, H, I))
         row = _best(f"{fmt} experts N={N}", current, fits, lambda c, x=x, ids=ids, w=w: experts(x, ids, w, c),
-                    deadline)
+                    deadline, iters)
         rows.append(_streamed(row, ids.unique().numel() * per_expert, bw))
     if fmt != "bf16":
-        for out in (6144, 4096):  # q|k|v and o
-            stored = quantize(torch.randn(out, H, device="cuda") * 0.02)
-            for N in (1, 8, 64):
-                x = torch.randn(N, H, device="cuda", dtype=torch.bfloat16)
-                current = get_config("linear", fmt, N, 1, 1, out, H)
-                row = _best(f"{fmt} linear {out}x{H} N={N}", current, decode,
-                            lambda c, x=x, w=stored: quantized_linear(x, w, config=c), deadline)
+        qkv_out = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.dim_per_head
+        for out, inp in ((qkv_out, H), (H, config.num_attention_heads * config.dim_per_head)):  # q|k|v and o
+            stored = quantize(torch.randn(out, inp, device=device) * 0.02)
+            for N in sizes[:1] if smoke else (1, 8, 64):
+                x = torch.randn(N, inp, device=device, dtype=dtype)
+                current = get_config("linear", fmt, N, 1, 1, out, inp)
+                row = _best(f"{fmt} linear {out}x{inp} N={N}", current, decode,
+                            lambda c, x=x, w=stored: quantized_linear(x, w, config=c), deadline, iters)
                 rows.append(_streamed(row, _nbytes(stored), bw))
     return rows
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--tune", action="store_true", help="also time candidate block sizes (before the rest)")
-    p.add_argument("--tune-only", action="store_true", help="the ceilings and the tuning, nothing else")
-    p.add_argument("--tune-budget", type=float, default=420, help="seconds the tuning may take (default 420)")
-    p.add_argument("--format", choices=("auto", "bf16", "int8", "int4"), default="auto",
-                   help="auto: bf16 where the card holds 93 GB (H200), else int8 (mixtral.quant's formats)")
-    p.add_argument("--layers", type=int, default=32, help="layers of our full model (32 = Mixtral-8x7B)")
-    p.add_argument("--hf-layers", type=int, default=2)
-    p.add_argument("--no-compile", action="store_true", help="capture the eager decode step only")
-    p.add_argument("--json", default=None)
-    args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/gpu.py needs a CUDA GPU")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    props = torch.cuda.get_device_properties(0)
-    fmt = args.format
-    if fmt == "auto":
-        fmt = "bf16" if props.total_memory > 120 * GiB else "int8"
-    results: dict = dict(device=props.name, memory_gib=props.total_memory / GiB, format=fmt,
-                         torch=torch.__version__)
-    import triton
+class Stages:
+    """Runs the benchmark's stages against one deadline and keeps the results.
 
-    results["triton"] = triton.__version__
-    path = args.json or (os.path.join(os.environ["OUT"], "gpu_bench.json") if os.environ.get("OUT") else None)
+    A stage that needs more than the time left is skipped and named in ``results["skipped"]``; one
+    that raises is recorded in ``results["errors"]`` (its traceback printed) and the rest go on,
+    unless ``strict`` (the smoke run, where any error is a bug to fix before a GPU sees it). After
+    every stage the JSON is rewritten with what exists so far, including ``stage_s``: the seconds each
+    stage took, which is what the next device call is planned from."""
 
-    def save() -> None:  # after every stage, so a run cut short still leaves what it measured
-        if path:
-            with open(path, "w") as f:
-                json.dump(results, f, indent=2)
+    def __init__(self, budget_s: float, results: dict, path: str | None, strict: bool) -> None:
+        self.deadline = time.perf_counter() + budget_s
+        self.results, self.path, self.strict = results, path, strict
+        results.update(budget_s=budget_s, stage_s={}, skipped={}, errors={})
 
-    bw, mm = copy_bandwidth(), matmul_rate()
-    torch.cuda.empty_cache()
-    results.update(copy_gb_s=bw / 1e9, bf16_tflops=mm / 1e12)
-    print(f"{props.name}: copy {bw / 1e9:.0f} GB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s, format {fmt}")
-    save()
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
 
-    if args.tune or args.tune_only:
-        results["tune"] = tune(fmt, args.tune_budget, bw)
-        torch.cuda.empty_cache()
-        save()
-        if args.tune_only:
-            return
+    def save(self) -> None:
+        if self.path:
+            with open(self.path, "w") as f:
+                json.dump(self.results, f, indent=2)
 
-    with torch.inference_mode():
-        if not args.quick:
-            results["transformers"] = bench_transformers(args.hf_layers, 1, 16)
-            print("transformers vs ours, per layer:", results["transformers"])
-            save()
-        model = build_model(MixtralConfig(num_hidden_layers=args.layers), fmt)
-        results["weights_gb"] = sum(t.numel() * t.element_size()
-                                    for t in list(model.parameters()) + list(model.buffers())) / 1e9
-        batches = (1, 8) if args.quick else (1, 8, 32, 64)
-        results["decode"] = []
-        steps = 16 if args.quick else 64
-        # Batch 1 both ways: what torch.compile's fusion of the small ops is worth inside the graph.
-        runs = [(b, c) for b in batches for c in ((False, True) if b == 1 else (True,))]
-        compile_ok = not args.no_compile
-        for b, compiled in runs:
-            if compiled and not compile_ok:
-                continue
-            try:
-                r = bench_decode(model, b, 128, steps, bw, compile=compiled)
-            except Exception as exc:  # record and go on with the eager-captured step
-                results["compile_error"] = f"{type(exc).__name__}: {exc}"[:2000]
-                print("compiled decode failed, continuing without it:", results["compile_error"])
-                compile_ok = False
-                if b != 1:
-                    r = bench_decode(model, b, 128, steps, bw, compile=False)
-                else:
-                    continue
-            results["decode"].append(r)
-            print(f"decode b={b} compiled={r['compiled']}: {r['tok_s']:.1f} tok/s, {r['pct_roofline']:.0f}% of "
-                  f"{r['roofline_tok_s']:.1f} (capture {r['capture_s']:.0f} s)")
-            save()
-        torch.cuda.empty_cache()
-        results["prefill"] = bench_prefill(model, 1024 if args.quick else 4096, mm)
-        print("prefill:", results["prefill"])
-        save()
+    def run(self, name: str, need_s: float, fn):
+        """``fn()`` if ``need_s`` (a rough guess of what the stage takes on an H100/H200) fits in the
+        time left (0: always run); its result, or None when skipped or failed."""
+        if need_s > 0 and self.left() < need_s:
+            self.results["skipped"][name] = f"needs ~{need_s:.0f} s, {max(self.left(), 0):.0f} s left"
+            print(f"skip {name}: {self.results['skipped'][name]}")
+            self.save()
+            return None
+        t0 = time.perf_counter()
+        try:
+            out = fn()
+        except Exception as exc:
+            if self.strict:
+                raise
+            traceback.print_exc()
+            self.results["errors"][name] = f"{type(exc).__name__}: {exc}"[:2000]
+            out = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        self.results["stage_s"][name] = round(time.perf_counter() - t0, 1)
+        self.save()
+        return out
 
+
+def print_table(results: dict) -> None:
     print()
-    print(f"| {props.name} | {fmt} | {args.layers} layers | copy {bw / 1e9:.0f} GB/s | "
-          f"bf16 {mm / 1e12:.0f} TFLOP/s |")
+    print(f"| {results['device']} | {results['format']} | {results['layers']} layers | copy "
+          f"{results.get('copy_gb_s', float('nan')):.0f} GB/s | bf16 {results.get('bf16_tflops', float('nan')):.0f} "
+          "TFLOP/s |")
     print("| run | tok/s | roofline tok/s | % of roofline |")
     print("|---|---:|---:|---:|")
-    for r in results["decode"]:
-        how = "compiled graph" if r["compiled"] else "eager graph"
+    for r in results.get("decode", []):
+        how = "compiled graph" if r["compiled"] else "eager graph" if r["graph"] else "eager, no graph"
         print(f"| decode batch {r['batch']}, {how} | {r['tok_s']:.1f} | {r['roofline_tok_s']:.1f} "
               f"| {r['pct_roofline']:.0f}% |")
-    pf = results["prefill"]
-    print(f"| prefill {pf['tokens']} | {pf['tok_s']:.0f} | - | {pf['pct_matmul']:.0f}% of matmul rate |")
+    pf = results.get("prefill")
+    if pf:
+        print(f"| prefill {pf['tokens']} | {pf['tok_s']:.0f} | - | {pf['pct_matmul']:.0f}% of matmul rate |")
     hf = results.get("transformers")
     if hf:
         print(f"| transformers ({hf['layers']} layers, bf16, batch 1) | {hf['hf_ms_per_layer']:.3f} ms/layer | "
               f"ours {hf['ours_ms_per_layer']:.3f} ms/layer | {hf['speedup']:.1f}x |")
         print(f"| our prompt logits vs transformers' (same weights, bf16) | rel. error "
               f"{hf['prompt_logits_rel_err']:.2e} | | |")
+    print("stage seconds:", results["stage_s"])
+    for key in ("skipped", "errors"):
+        if results[key]:
+            print(f"{key}:", results[key])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer steps and batch sizes, prefill 1024")
+    p.add_argument("--budget", type=float, default=420, help="seconds for all stages (default 420)")
+    p.add_argument("--tune", action="store_true", help="also time candidate block sizes, with the time left")
+    p.add_argument("--tune-only", action="store_true", help="the ceilings and the tuning, nothing else")
+    p.add_argument("--tune-budget", type=float, default=420, help="seconds --tune-only may tune (default 420)")
+    p.add_argument("--format", choices=("auto", "bf16", "int8", "int4"), default="auto",
+                   help="auto: bf16 where the card holds 93 GB (H200), else int8 (mixtral.quant's formats)")
+    p.add_argument("--layers", type=int, default=32, help="layers of our full model (32 = Mixtral-8x7B)")
+    p.add_argument("--hf-layers", type=int, default=2)
+    p.add_argument("--no-compile", action="store_true", help="capture the eager decode step only")
+    p.add_argument("--smoke", action="store_true", help="every stage on the CPU with a tiny model (tests the script)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.smoke:
+        device, shape = "cpu", dict(SMOKE_CONFIG)
+    elif torch.cuda.is_available():
+        device, shape = "cuda", {}
+    else:
+        raise SystemExit("bench/gpu.py needs a CUDA GPU (or --smoke, which runs it small on the CPU)")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        name, memory = props.name, props.total_memory
+    else:
+        name, memory = "CPU (smoke run)", 0
+    fmt = args.format
+    if fmt == "auto":
+        fmt = "bf16" if memory > 120 * GiB or args.smoke else "int8"
+    import triton
+
+    results: dict = dict(device=name, memory_gib=memory / GiB, format=fmt, layers=args.layers,
+                         torch=torch.__version__, triton=triton.__version__)
+    path = args.json or (os.path.join(os.environ["OUT"], "gpu_bench.json") if os.environ.get("OUT") else None)
+    stages = Stages(args.tune_budget + 60 if args.tune_only else args.budget, results, path, strict=args.smoke)
+
+    def ceilings() -> None:
+        bw = copy_bandwidth(device, 4 * GiB if device == "cuda" else 1 << 26)
+        mm = matmul_rate(device, 8192, torch.bfloat16) if device == "cuda" else matmul_rate(device, 256, torch.float32)
+        results.update(copy_gb_s=bw / 1e9, bf16_tflops=mm / 1e12)
+        print(f"{name}: copy {bw / 1e9:.0f} GB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s, format {fmt}")
+
+    stages.run("ceilings", 0, ceilings)
+    bw, mm = results["copy_gb_s"] * 1e9, results["bf16_tflops"] * 1e12  # no ceilings, no figures: let it raise
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    def run_tune(budget: float):
+        results["tune"] = tune(fmt, budget, bw, MixtralConfig(**shape), device, smoke=args.smoke)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    if args.tune_only:
+        stages.run("tune", 0, lambda: run_tune(args.tune_budget))
+        print_table(results)
+        return results
+
+    smoke = args.smoke
+    steps = 4 if smoke else 16 if args.quick else 64
+    prompt = 8 if smoke else 128
+    compile_ok = not args.no_compile
+    results["decode"] = []
+
+    def decode(model, batch: int, compiled: bool) -> None:
+        r = bench_decode(model, batch, prompt, steps, bw, compile=compiled)
+        results["decode"].append(r)
+        print(f"decode b={batch} compiled={r['compiled']}: {r['tok_s']:.1f} tok/s, {r['pct_roofline']:.0f}% of "
+              f"{r['roofline_tok_s']:.1f} (capture {r['capture_s']:.0f} s)")
+
+    with torch.inference_mode():
+        model = stages.run("build model", 30, lambda: build_model(
+            MixtralConfig(**{**shape, "num_hidden_layers": args.layers}), fmt, device))
+        if model is None:
+            print_table(results)
+            return results
+        results["weights_gb"] = _nbytes(list(model.parameters()) + list(model.buffers())) / 1e9
+        # Batch 1 first: the headline figure, and its torch.compile is the one every later stage reuses.
+        stages.run("decode b=1", 120, lambda: decode(model, 1, compile_ok))
+        if "decode b=1" in results["errors"] and compile_ok:  # the rest captures the eager step instead
+            compile_ok = False
+            stages.run("decode b=1 eager graph", 20, lambda: decode(model, 1, False))
+        if not args.quick:
+            def versus() -> None:
+                results["transformers"] = bench_transformers(
+                    MixtralConfig(**{**shape, "num_hidden_layers": args.hf_layers}), 1, 16, device, compile_ok)
+                print("transformers vs ours, per layer:", results["transformers"])
+            stages.run("transformers", 45, versus)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+        def prefill(model) -> None:
+            T = 16 if smoke else 1024 if args.quick else 4096
+            results["prefill"] = bench_prefill(model, T, mm)
+            print("prefill:", results["prefill"])
+
+        stages.run("prefill", 30, lambda: prefill(model))
+        if compile_ok and device == "cuda":  # what torch.compile's fusion of the small ops is worth in the graph
+            stages.run("decode b=1 eager graph", 20, lambda: decode(model, 1, False))
+        for b in (2,) if smoke else (8,) if args.quick else (8, 32, 64):
+            stages.run(f"decode b={b}", 45, lambda b=b: decode(model, b, compile_ok))
+        model = None  # frees the weights before tuning (the lambdas above ran already)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    if args.tune:
+        margin = 15  # to print and save
+        stages.run("tune", 60, lambda: run_tune(max(stages.left() - margin, 0)))
+    print_table(results)
     if path:
         print("wrote", path)
+    return results
 
 
 if __name__ == "__main__":

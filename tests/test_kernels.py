@@ -12,6 +12,7 @@ dequantized weights 1e-4 in fp32 (the same numbers, scale applied after the sum 
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 
@@ -530,6 +531,60 @@ def test_gpu_bench_builds_the_quantized_model_it_measures(fmt):
     with torch.inference_mode():
         logits = model(torch.randint(0, config.vocab_size, (1, 3))).logits
     assert torch.isfinite(logits).all() and logits.float().std() > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the benchmark runs for real, not as a smoke run")
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_gpu_bench_runs_every_stage_on_the_cpu(fmt, tmp_path):
+    """bench/gpu.py --smoke: every stage of the GPU benchmark (ceilings, model, decode at two batch
+    sizes, transformers side by side, prefill, tuning under the interpreter) on a tiny model, so a
+    GPU session's few minutes never go to an error in the script. Also its roofline arithmetic: a
+    decode step's bytes are the weights outside the experts, the experts it routed to and the whole
+    static cache, counted here from the config."""
+    from conftest import tiny_kwargs
+
+    from mixtral import MixtralConfig
+
+    path = tmp_path / "bench.json"
+    results = _gpu_bench().main(["--smoke", "--tune", "--layers", "2", "--format", fmt, "--json", str(path)])
+    assert json.loads(path.read_text()) == json.loads(json.dumps(results))
+    assert not results["skipped"] and not results["errors"]
+    assert set(results["stage_s"]) == {"ceilings", "build model", "decode b=1", "transformers", "prefill",
+                                       "decode b=2", "tune"}
+    assert results["transformers"]["prompt_logits_rel_err"] < 2e-2  # bf16 both sides, same weights
+    assert [r["batch"] for r in results["decode"]] == [1, 2]
+    assert {r["case"] for r in results["tune"]} >= {f"{fmt} experts N=1", f"{fmt} experts N=80"}
+
+    c = MixtralConfig(**tiny_kwargs(num_local_experts=8))  # the smoke model's shape
+    H, I, L, V, hd = c.hidden_size, c.intermediate_size, 2, c.vocab_size, c.dim_per_head
+    nh, nkv, E = c.num_attention_heads, c.num_key_value_heads, c.num_local_experts
+    q, o = H * (nh + 2 * nkv) * hd, nh * hd * H
+    if fmt == "bf16":
+        per_expert, attn = 2 * 3 * H * I, 2 * (q + o)
+    else:  # int8 weights, fp32 scale per output row
+        per_expert, attn = 3 * H * I + 4 * (2 * I + H), q + o + 4 * ((nh + 2 * nkv) * hd + H)
+    # norms and router bf16, the final norm, lm_head, and the rotary frequencies (hd / 2, fp32)
+    other = L * (attn + 2 * (2 * H) + 2 * E * H) + 2 * H + 2 * V * H + 4 * hd // 2
+    for r in results["decode"]:
+        capacity = 8 + 4 + 8  # prompt + steps + 8
+        kv = 2 * L * r["batch"] * nkv * capacity * hd * 2
+        assert c.num_experts_per_tok <= r["experts_read_per_layer"] <= E
+        want = other + r["experts_read_per_layer"] * L * per_expert + kv
+        assert r["step_gb"] * 1e9 == pytest.approx(want)
+        assert r["roofline_tok_s"] == pytest.approx(r["batch"] * results["copy_gb_s"] * 1e9 / want)
+
+
+def test_gpu_bench_prefill_flops_of_mixtral_8x7b():
+    """Per token, Mixtral-8x7B's prefill products are ~22.5 GFLOP of experts (2 of 3 x 4096 x 14336
+    per layer, 2 FLOPs each) and ~2.7 GFLOP of attention projections; the scores add 4 nh hd per
+    key attended (QK^T and PV), half the keys on average under the causal mask."""
+    from mixtral import MixtralConfig
+
+    T = 4096
+    experts = 32 * 2 * 2 * 3 * 4096 * 14336
+    proj = 32 * 2 * 4096 * (4096 + 2 * 1024 + 4096)
+    scores = 32 * 4 * 32 * 128 * T / 2
+    assert _gpu_bench().prefill_flops(MixtralConfig(), T) == pytest.approx(T * (experts + proj + scores))
 
 
 # --- GPU only ---------------------------------------------------------------------------------
