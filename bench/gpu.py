@@ -58,12 +58,12 @@ SMOKE_CONFIG = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hi
                     num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=512)
 
 
-def per_call(fn, iters: int, warmup: int = 2) -> float:
-    """Mean seconds per call over ``iters`` calls after ``warmup``: CUDA events around them on a GPU,
-    the wall clock elsewhere (the smoke run)."""
+def per_call(fn, device, iters: int, warmup: int = 2) -> float:
+    """Mean seconds per call over ``iters`` calls after ``warmup``: CUDA events around them when the
+    work runs on a GPU, the wall clock otherwise (the smoke run, also on a GPU machine)."""
     for _ in range(warmup):
         fn()
-    if not torch.cuda.is_available():
+    if torch.device(device).type != "cuda":
         t0 = time.perf_counter()
         for _ in range(iters):
             fn()
@@ -82,14 +82,14 @@ def copy_bandwidth(device: str, nbytes: int = 4 * GiB) -> float:
     """Device-to-device copy of ``nbytes``: bytes read + written per second."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 256)
     dst = torch.empty_like(src)
-    return 2 * src.numel() / per_call(lambda: dst.copy_(src), 10)
+    return 2 * src.numel() / per_call(lambda: dst.copy_(src), device, 10)
 
 
 def matmul_rate(device: str, n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
     """(n x n) @ (n x n) on random data: FLOP/s."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / per_call(lambda: a @ b, 20)
+    return 2 * n**3 / per_call(lambda: a @ b, device, 20)
 
 
 def build_model(config: MixtralConfig, fmt: str, device: str = "cuda") -> MixtralForCausalLM:
@@ -182,7 +182,7 @@ def bench_decode(model, batch: int, prompt: int, steps: int, bw: float, compile:
     def step():
         state["tok"] = decoder.step(state["tok"])
 
-    sec = per_call(step, steps, warmup=3)
+    sec = per_call(step, device, steps, warmup=3)
     tok_s = batch / sec
     roof = batch * bw / step_bytes
     graph = device.type == "cuda"
@@ -212,7 +212,7 @@ def bench_prefill(model, T: int, flops_rate: float) -> dict:
         cache = KVCache.for_model(config, 1, capacity=T, dtype=model.dtype, device=device)
         model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
 
-    sec = per_call(run, 3, warmup=1)
+    sec = per_call(run, device, 3, warmup=1)
     flops = prefill_flops(config, T)
     return dict(tokens=T, seconds=sec, tok_s=T / sec, tflops=flops / sec / 1e12,
                 pct_matmul=100 * flops / sec / flops_rate)
@@ -243,7 +243,7 @@ def bench_transformers(config: MixtralConfig, batch: int, steps: int, device: st
         o = hm(input_ids=state["tok"][:, None], past_key_values=state["cache"], use_cache=True)
         state["tok"] = o.logits[:, -1].argmax(-1)
 
-    hf_sec = per_call(step, steps)
+    hf_sec = per_call(step, device, steps)
     ours_sec = bench_decode(ours, batch, prompt, steps, 1.0, compile)["step_ms"] / 1e3
     layers = config.num_hidden_layers
     return dict(layers=layers, batch=batch, transformers=transformers.__version__,
@@ -257,7 +257,7 @@ def _as_dict(c) -> dict:
     return c._asdict() if isinstance(c, MoeConfig) else {"gate_up": c[0]._asdict(), "down": c[1]._asdict()}
 
 
-def _best(name: str, current, candidates, run, deadline: float, iters: int = 10) -> dict:
+def _best(name: str, current, candidates, run, deadline: float, device: str, iters: int = 10) -> dict:
     """Time ``current`` (the table's entry, or its (gate_up, down) pair) first, then candidates
     until ``deadline``."""
     timed = {}
@@ -265,7 +265,7 @@ def _best(name: str, current, candidates, run, deadline: float, iters: int = 10)
         if c is not current and time.perf_counter() > deadline:
             break
         try:
-            timed[c] = per_call(lambda c=c: run(c), iters, warmup=min(iters, 2))
+            timed[c] = per_call(lambda c=c: run(c), device, iters, warmup=min(iters, 2))
         except Exception as exc:  # e.g. out of shared memory for a large tile
             print(f"  skip {c}: {type(exc).__name__}")
     best = min(timed, key=timed.get)
@@ -332,7 +332,7 @@ def tune(fmt: str, budget_s: float, bw: float, config: MixtralConfig, device: st
         # config for both products (they share block_m anyway).
         current = (get_config("gate_up", fmt, N, K, E, 2 * I, H), get_config("down", fmt, N, K, E, H, I))
         row = _best(f"{fmt} experts N={N}", current, fits, lambda c, x=x, ids=ids, w=w: experts(x, ids, w, c),
-                    deadline, iters)
+                    deadline, device, iters)
         rows.append(_streamed(row, ids.unique().numel() * per_expert, bw))
     if fmt != "bf16":
         qkv_out = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.dim_per_head
@@ -342,7 +342,7 @@ def tune(fmt: str, budget_s: float, bw: float, config: MixtralConfig, device: st
                 x = torch.randn(N, inp, device=device, dtype=dtype)
                 current = get_config("linear", fmt, N, 1, 1, out, inp)
                 row = _best(f"{fmt} linear {out}x{inp} N={N}", current, decode,
-                            lambda c, x=x, w=stored: quantized_linear(x, w, config=c), deadline, iters)
+                            lambda c, x=x, w=stored: quantized_linear(x, w, config=c), deadline, device, iters)
                 rows.append(_streamed(row, _nbytes(stored), bw))
     return rows
 

@@ -7,7 +7,7 @@
 #
 # Parts, most needed first, each under its own limit so a hang in one cannot eat the others:
 #   1. the GPU-only tests (compiled bf16 experts, graph replay = eager decode for bf16 and int8,
-#      static-cache generate reusing its graph): ~1-2 min, limit 150 s;
+#      static-cache generate reusing its graph): limit 150 s (their time is a guess: never run);
 #   2. bench/gpu.py within what is left of TOTAL (less 90 s for part 3): ceilings, batch-1 decode,
 #      transformers side by side, prefill 4096, batch 8/32/64; it skips what would not fit;
 #   3. the rest of tests/test_kernels.py, compiled on the GPU, in whatever time remains.
