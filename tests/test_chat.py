@@ -12,7 +12,7 @@ from mixtral import MixtralForCausalLM, Tokenizer
 
 
 def greedy_reply(model, tok, messages, max_new_tokens):
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens)[0, len(ids):]
     return tok.decode(out, skip_special_tokens=True).strip()
 

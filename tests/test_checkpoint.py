@@ -140,6 +140,58 @@ def test_wrong_shape_names_tensor(tmp_path):
         MixtralForCausalLM.from_pretrained(tmp_path)
 
 
+def test_source_shapes_and_dtypes_checked_before_combining(tmp_path):
+    """q/k swapped still concatenate to the qkv size, and an int tensor would be cast: both refused."""
+    _, m = hf_pair()
+    m.save_pretrained(tmp_path)
+    a = "model.layers.0.self_attn."
+    _rewrite(tmp_path, lambda t: t.update({a + "q_proj.weight": t[a + "k_proj.weight"],
+                                           a + "k_proj.weight": t[a + "q_proj.weight"]}))
+    with pytest.raises(CheckpointError, match=r"q_proj\.weight in .*model\.safetensors: shape \(32, 64\) does not fit "
+                                              r"model\.layers\.0\.self_attn\.qkv_proj\.weight: expected \(64, 64\)"):
+        MixtralForCausalLM.from_pretrained(tmp_path)
+    m.save_pretrained(tmp_path)
+    w1 = "model.layers.1.block_sparse_moe.experts.2.w1.weight"
+    _rewrite(tmp_path, lambda t: t.__setitem__(w1, t[w1].T.contiguous()))
+    with pytest.raises(CheckpointError, match=r"experts\.2\.w1\.weight.*\(64, 96\).*expected \(96, 64\)"):
+        MixtralForCausalLM.from_pretrained(tmp_path)
+    for dtype in (torch.int32, torch.int8, torch.bool):
+        m.save_pretrained(tmp_path)
+        _rewrite(tmp_path, lambda t, dtype=dtype: t.__setitem__("model.norm.weight", t["model.norm.weight"].to(dtype)))
+        with pytest.raises(CheckpointError, match=rf"model\.norm\.weight in .*: dtype {str(dtype)[6:]}"):
+            MixtralForCausalLM.from_pretrained(tmp_path)
+
+
+def test_malformed_index_and_shards_are_named(saved):
+    index_path = saved / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+
+    for weight_map, problem in [
+        (["model-00001.safetensors"], r"weight_map should map tensor names to shard files, found list"),
+        (index["weight_map"] | {"model.norm.weight": 5}, r"weight_map\['model\.norm\.weight'\] is 5"),
+        # an index that forgets a whole shard: the error names the index and the shard it leaves out
+        ({k: v for k, v in index["weight_map"].items() if v != shards[2]},
+         rf"\(which does not list {shards[2]}, found beside it\): missing tensors"),
+    ]:
+        index_path.write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json.*" + problem):
+            MixtralForCausalLM.from_pretrained(saved)
+    index_path.write_text(json.dumps(index))
+    shard = saved / shards[1]
+    data = shard.read_bytes()
+    shard.write_bytes((10**12).to_bytes(8, "little") + b"{}")  # a header length no file has
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: corrupt or truncated.*claims 1000000000000 bytes"):
+        MixtralForCausalLM.from_pretrained(saved)
+    shard.unlink()
+    shard.mkdir()
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: a directory, not a safetensors file"):
+        MixtralForCausalLM.from_pretrained(saved)
+    shard.rmdir()
+    shard.write_bytes(data)
+    MixtralForCausalLM.from_pretrained(saved)
+
+
 def test_missing_tensor_is_named(tmp_path):
     _, m = hf_pair()
     m.save_pretrained(tmp_path)
@@ -240,3 +292,103 @@ def test_from_state_dict_checks_every_tensor():
         from_state_dict(MixtralForCausalLM, state | {"stray": torch.zeros(1)}, config)
     loaded = from_state_dict(MixtralForCausalLM, state, config)
     logits_equal(hm, loaded, torch.randint(0, 101, (2, 5)))
+
+
+# -- write_atomically: what every command writing a checkpoint directory goes through -----------------
+
+def _files(directory) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted(directory.iterdir())}
+
+
+def _writer(**files: str):
+    def write(tmp):
+        for name, text in files.items():
+            (tmp / name.replace("_", ".")).write_text(text)
+    return write
+
+
+def test_write_atomically_replace_leaves_only_the_new_files(tmp_path):
+    """Stale files of an earlier checkpoint (a tokenizer, a chat template, an old shard index) would be
+    loaded in place of the new ones if they survived beside them."""
+    import os
+
+    from mixtral.checkpoint.loading import write_atomically
+
+    dst = tmp_path / "out"
+    dst.mkdir()
+    for name in ("config.json", "tokenizer.json", "chat_template.jinja", "model.safetensors.index.json"):
+        (dst / name).write_text("old")
+    write_atomically(dst, _writer(config_json="new", model_safetensors="w"), replace=True)
+    assert _files(dst) == {"config.json": "new", "model.safetensors": "w"}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary or old directory left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert dst.stat().st_mode & 0o777 == 0o777 & ~umask  # the umask's, not mkdtemp's private 0700
+    # merging (save_pretrained's way) keeps the others
+    write_atomically(dst, _writer(tokenizer_json="tok"))
+    assert _files(dst) == {"config.json": "new", "model.safetensors": "w", "tokenizer.json": "tok"}
+
+
+def test_write_atomically_failure_keeps_the_old_directory(tmp_path, monkeypatch):
+    import os
+
+    from mixtral.checkpoint import loading
+    from mixtral.checkpoint.loading import write_atomically
+
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "config.json").write_text("old")
+
+    def failing(tmp):
+        (tmp / "config.json").write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        write_atomically(dst, failing, replace=True)
+    assert _files(dst) == {"config.json": "old"} and [p.name for p in tmp_path.iterdir()] == ["out"]
+    # the rename of the new directory into place fails: the old one is put back
+    real_rename = os.rename
+
+    def rename(a, b):
+        if ".tmp-" in str(a):
+            raise OSError(18, "Invalid cross-device link")
+        real_rename(a, b)
+
+    monkeypatch.setattr(loading.os, "rename", rename)
+    with pytest.raises(OSError, match="cross-device"):
+        write_atomically(dst, _writer(config_json="new"), replace=True)
+    assert _files(dst) == {"config.json": "old"} and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_write_atomically_never_replaces_its_source(tmp_path):
+    from mixtral.checkpoint.loading import write_atomically
+
+    src = tmp_path / "ckpt"
+    (src / "sub").mkdir(parents=True)
+    (src / "config.json").write_text("source")
+    for dst, what in ((src, "is the source"), (src / "sub", "lies inside the source"),
+                      (tmp_path, "contains the source")):
+        with pytest.raises(CheckpointError, match=what):
+            write_atomically(dst, _writer(config_json="new"), replace=True, sources=[src])
+    assert (src / "config.json").read_text() == "source" and sorted(p.name for p in src.iterdir()) == [
+        "config.json", "sub"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_write_atomically_refuses_a_destination_of_the_wrong_kind(tmp_path):
+    from mixtral.checkpoint.loading import check_output_path, write_atomically
+
+    (tmp_path / "file").write_text("keep")
+    for replace in (False, True):
+        with pytest.raises(CheckpointError, match="file: exists and is not a directory"):
+            write_atomically(tmp_path / "file", _writer(config_json="new"), replace=replace)
+    assert (tmp_path / "file").read_text() == "keep"
+    with pytest.raises(CheckpointError, match="is a directory"):
+        check_output_path(tmp_path, directory=False)
+    # a full directory that is not a checkpoint is not ours to delete
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep")
+    with pytest.raises(CheckpointError, match="holds no config.json"):
+        write_atomically(tmp_path / "notes", _writer(config_json="new"), replace=True)
+    assert _files(tmp_path / "notes") == {"todo.txt": "keep"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "notes"]

@@ -79,7 +79,7 @@ def test_demo_answers_like_transformers(demo_paths, reference):
     tok = Tokenizer.from_pretrained(model_dir)
     assert model.config.num_local_experts == 8 and model.config.num_experts_per_tok == 2
 
-    ids = tok.apply_chat_template(QUESTION, add_generation_prompt=True)
+    ids = tok.apply_chat_template(QUESTION, add_generation_prompt=True, return_dict=False)
     ref_ids = ref_tok.apply_chat_template(QUESTION, add_generation_prompt=True)
     ref_ids = ref_ids["input_ids"] if isinstance(ref_ids, dict) or hasattr(ref_ids, "keys") else ref_ids
     assert ids == list(ref_ids)

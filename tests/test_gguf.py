@@ -27,8 +27,9 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_by_hand(path, hm, layout: str) -> None:
-    """A transformers Llama/Mixtral model as llama.cpp would convert it: ``exps``, ``per_expert`` or ``dense``."""
+def write_by_hand(path, hm, layout: str, edit=None) -> None:
+    """A transformers Llama/Mixtral model as llama.cpp would convert it: ``exps``, ``per_expert`` or ``dense``.
+    ``edit(writer, tensors)`` may change the metadata and tensors before they are written."""
     c = hm.config
     sd = {k: v.detach().float().numpy() for k, v in hm.state_dict().items()}
     w = gguf.GGUFWriter(path, "llama")
@@ -68,6 +69,8 @@ def write_by_hand(path, hm, layout: str) -> None:
             for e in range(gate_up.shape[0]):
                 t[b + f"ffn_gate.{e}.weight"], t[b + f"ffn_up.{e}.weight"] = gate_up[e, :inter], gate_up[e, inter:]
                 t[b + f"ffn_down.{e}.weight"] = down[e]
+    if edit is not None:
+        edit(w, t)
     for name, a in t.items():
         w.add_tensor(name, np.ascontiguousarray(a, dtype=np.float32))
     w.write_header_to_file()
@@ -302,3 +305,51 @@ def test_wrong_architecture_and_unsupported_type(tmp_path, capsys):
     w.close()
     with pytest.raises(CheckpointError, match=r"q2k\.gguf: tensor token_embd.weight has quantization type Q2_K"):
         read_gguf(tmp_path / "q2k.gguf")
+
+
+def _drop(key):
+    return lambda w, t: w.kv_data[0].pop(key)
+
+
+@pytest.mark.parametrize("edit,problem", [
+    (_drop("llama.expert_used_count"), r"metadata llama\.expert_used_count is missing"),  # not a silent top-1
+    (lambda w, t: w.add_float32("llama.rope.scaling.factor", 4.0), r"rope scaling factor 4\.0 is not supported"),
+    (lambda w, t: w.add_float32("llama.rope.scale_linear", 2.0), r"rope scaling factor 2\.0 is not supported"),
+    (lambda w, t: (_drop("llama.attention.head_count")(w, t), w.add_string("llama.attention.head_count", "4")),
+     r"llama\.attention\.head_count is '4' \(str\), expected a number"),
+    (lambda w, t: t.update({"blk.0.attn_q.weight": t["blk.0.attn_q.weight"][:-4]}),
+     r"blk\.0\.attn_q\.weight in .*m\.gguf: shape \(60, 64\) does not fit .*qkv_proj\.weight: expected \(64, 64\)"),
+    (lambda w, t: w.add_token_list([f"t{i}" for i in range(102)]),  # more tokens than the 101 embedding rows
+     r"tokenizer\.ggml\.tokens has 102 tokens but token_embd\.weight only 101 rows"),
+])
+def test_bad_metadata_and_tensors_are_named(tmp_path, edit, problem):
+    hm, _ = hf_pair()
+    write_by_hand(tmp_path / "m.gguf", hm, "exps", edit)
+    with pytest.raises(CheckpointError, match=problem) as e:
+        MixtralForCausalLM.from_pretrained(tmp_path / "m.gguf")
+    assert str(tmp_path / "m.gguf") in str(e.value)
+
+
+def test_fewer_tokens_than_rows_and_unscaled_rope_load(tmp_path):
+    """Padding rows beyond the vocabulary are normal, and a factor of 1 or type "none" scales nothing."""
+    hm, _ = hf_pair()
+
+    def edit(w, t):
+        w.add_token_list([f"t{i}" for i in range(90)])
+        w.add_string("llama.rope.scaling.type", "none")
+        w.add_float32("llama.rope.scaling.factor", 8.0)  # llama.cpp ignores the factor for type "none"
+
+    write_by_hand(tmp_path / "m.gguf", hm, "exps", edit)
+    with torch.no_grad():
+        torch.testing.assert_close(MixtralForCausalLM.from_pretrained(tmp_path / "m.gguf")(IDS).logits,
+                                   hm(IDS).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_to_gguf_refuses_a_quantized_checkpoint(tmp_path, capsys):
+    from mixtral.quant import quantize_model
+
+    _, ours = hf_pair()
+    quantize_model(ours, "int8")
+    ours.save_pretrained(tmp_path / "q")
+    assert main(["convert", "to-gguf", str(tmp_path / "q"), str(tmp_path / "q.gguf")]) == 2
+    assert "quantized checkpoint" in capsys.readouterr().err and not (tmp_path / "q.gguf").exists()

@@ -4,6 +4,7 @@ interleaved-pair rotary embeddings with complex numbers, on the raw tensors as s
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -125,7 +126,8 @@ def test_dec2023_release(tmp_path):
         "hidden_size": DIM, "num_attention_heads": HEADS, "num_hidden_layers": LAYERS, "intermediate_size": FFN,
         "num_local_experts": E, "num_key_value_heads": KV, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
         "vocab_size": VOCAB, "sliding_window": "null"}))
-    model = MixtralForCausalLM.from_pretrained(tmp_path)
+    assert MixtralForCausalLM.from_pretrained(tmp_path).dtype == torch.bfloat16  # dtype="auto", as transformers 5
+    model = MixtralForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     assert model.config.sliding_window is None and model.config.torch_dtype == "bfloat16"
     w = {k: v.to(torch.bfloat16).float() for k, v in w.items()}
     with torch.no_grad():
@@ -152,9 +154,15 @@ def test_mistral_inference_layout_and_convert(tmp_path, experts, capsys):
                                    atol=1e-4, rtol=1e-4)
     assert main(["convert", "mistral", str(src), str(dst)]) == 0
     assert sorted(p.name for p in dst.iterdir()) == [
-        "config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"]
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"]
     model = MixtralForCausalLM.from_pretrained(dst)
     assert model.config.num_local_experts == experts and model.config.sliding_window == 5
+    # Converting again over that output replaces it whole: a stale template or tokenizer.json of
+    # an earlier checkpoint would otherwise be loaded in place of the new tokenizer.model.
+    (dst / "chat_template.jinja").write_text("STALE")
+    (dst / "tokenizer.json").write_text("{}")
+    assert main(["convert", "mistral", str(src), str(dst)]) == 0
+    assert not (dst / "chat_template.jinja").exists() and not (dst / "tokenizer.json").exists()
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits[0], expected, atol=1e-4, rtol=1e-4)
     tok = Tokenizer.from_pretrained(dst)
@@ -162,12 +170,49 @@ def test_mistral_inference_layout_and_convert(tmp_path, experts, capsys):
 
 
 def test_errors_name_the_file(tmp_path, capsys):
-    assert main(["convert", "mistral", str(tmp_path), str(tmp_path / "out")]) == 2
-    assert f"{tmp_path}: no params.json" in capsys.readouterr().err
-    (tmp_path / "params.json").write_text(json.dumps({"dim": DIM}))
-    torch.save({}, tmp_path / "consolidated.00.pth")
+    src = tmp_path / "release"  # the output may not lie inside the source, so the two are siblings
+    src.mkdir()
+    assert main(["convert", "mistral", str(src), str(tmp_path / "out")]) == 2
+    assert f"{src}: no params.json" in capsys.readouterr().err
+    (src / "params.json").write_text(json.dumps({"dim": DIM}))
+    torch.save({}, src / "consolidated.00.pth")
     with pytest.raises(CheckpointError, match=r"params\.json: missing field 'n_layers'"):
-        MixtralForCausalLM.from_pretrained(tmp_path)
-    (tmp_path / "params.json").write_text(json.dumps({"vocab": 3}))
+        MixtralForCausalLM.from_pretrained(src)
+    (src / "params.json").write_text(json.dumps({"vocab": 3}))
     with pytest.raises(CheckpointError, match=r"params\.json: neither the mistral-inference layout"):
+        MixtralForCausalLM.from_pretrained(src)
+
+
+def test_source_shapes_checked_before_reshaping(tmp_path):
+    """A Dec-2023 w2 stored (H, E*I) would reshape into garbage; a short or 1-D wq would crash in reshape."""
+    raw = to_dec2023(raw_weights(E))
+    (tmp_path / "params.json").write_text(json.dumps({
+        "hidden_size": DIM, "num_attention_heads": HEADS, "num_hidden_layers": LAYERS, "intermediate_size": FFN,
+        "num_local_experts": E, "num_key_value_heads": KV, "vocab_size": VOCAB}))
+    for key, bad, found in [("layers.1.block_sparse_moe.w2", raw["layers.1.block_sparse_moe.w2"].T, (DIM, E * FFN)),
+                            ("layers.0.attention.wq.weight", raw["layers.0.attention.wq.weight"][:-2], (62, DIM)),
+                            ("layers.0.attention.wq.weight", torch.zeros(10), (10,))]:
+        torch.save(raw | {key: bad.contiguous()}, tmp_path / "consolidated.00.pt")
+        expected = (E * FFN, DIM) if "w2" in key else (HEADS * HD, DIM)
+        with pytest.raises(CheckpointError, match=rf"{key} in .*consolidated\.00\.pt: shape {re.escape(str(found))} "
+                                                  rf"does not fit .*expected {re.escape(str(expected))}"):
+            MixtralForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("edit,problem", [
+    ({"moe": {"num_experts": E}}, r"moe\.num_experts_per_tok is missing"),  # not a silent top-1
+    ({"moe": {"num_experts_per_tok": K}}, r"moe\.num_experts is missing"),
+    ({"moe": [1]}, r"'moe' must be an object"),
+    ({"rope_theta": 0}, r"rope_theta must be > 0"),  # not read as "absent", i.e. 1e6
+])
+def test_params_json_errors(tmp_path, edit, problem):
+    from safetensors.torch import save_file
+
+    save_file(raw_weights(E), tmp_path / "consolidated.safetensors")
+    params = {"dim": DIM, "n_layers": LAYERS, "head_dim": HD, "hidden_dim": FFN, "n_heads": HEADS, "n_kv_heads": KV,
+              "vocab_size": VOCAB, "moe": {"num_experts": E, "num_experts_per_tok": K}, "rope_theta": None}
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    assert MixtralForCausalLM.from_pretrained(tmp_path).config.rope_theta == 1e6  # null: mistral-inference's 1e6
+    (tmp_path / "params.json").write_text(json.dumps(params | edit))
+    with pytest.raises(CheckpointError, match=rf"params\.json: .*{problem}"):
         MixtralForCausalLM.from_pretrained(tmp_path)

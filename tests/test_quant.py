@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mixtral import MixtralConfig, MixtralForCausalLM
+from mixtral.checkpoint import CheckpointError
 from mixtral.moe import experts_reference
 from mixtral.quant import (
     QuantExperts,
@@ -81,8 +82,6 @@ def test_int4_packing_layout(K):
 
 def test_quantized_checkpoint_with_bad_shapes_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
-
-    from mixtral.checkpoint import CheckpointError
 
     model = quantize_model(small_model(seed=5), "int4", group_size=32)
     model.save_pretrained(tmp_path)
@@ -291,8 +290,14 @@ def test_save_load_round_trip(mode, tmp_path):
         at_load = MixtralForCausalLM.from_pretrained(src, quantize=mode)
     assert loaded.quantization_config["bits"] == (8 if mode == "int8" else 4)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # Asking for the mode the checkpoint holds is a no-op; another mode cannot be had from it.
+    assert MixtralForCausalLM.from_pretrained(tmp_path / mode, quantize=mode).quantization_config["bits"] == \
+        loaded.quantization_config["bits"]
+    other = "int4" if mode == "int8" else "int8"
+    with pytest.raises(CheckpointError, match=f"quantize='{other}', but the checkpoint is already {mode}"):
+        MixtralForCausalLM.from_pretrained(tmp_path / mode, quantize=other)
     # The activation setting is part of the checkpoint.
-    quantize_model(model, mode, group_size=32, activations="fp32")
+    model = quantize_model(small_model(seed=1), mode, group_size=32, activations="fp32")
     model.save_pretrained(tmp_path / "exact")
     exact = MixtralForCausalLM.from_pretrained(tmp_path / "exact")
     assert not exact.model.layers[0].mlp.experts.gate_up_q.int8_activations
@@ -310,6 +315,7 @@ def test_cli_quantize(tmp_path):
                  "--activations", "fp32"]) == 0
     loaded = MixtralForCausalLM.from_pretrained(tmp_path / "q4")
     assert loaded.quantization_config["bits"] == 4
+    assert loaded.quantization_config["group_size"] == 32  # what it used, not the 64 asked for
     assert loaded.quantization_config["activations"] == "fp32"
     assert not loaded.model.layers[0].self_attn.qkv_proj.weight_q.int8_activations
     assert loaded.model.layers[0].self_attn.qkv_proj.weight_q.group_size == 32  # 96 inputs: 64 -> 32
@@ -346,3 +352,51 @@ def test_whole_step_decode_matches_layer_by_layer(mode, monkeypatch):
         per_layer = run()
     assert len(calls) == (6 if cpu_kernels() is not None else 0)
     torch.testing.assert_close(fused, per_layer, rtol=1e-4, atol=1e-4)
+
+
+def test_quantizing_a_quantized_checkpoint_is_refused(tmp_path, capsys):
+    """Before: int8 -> --int4 printed success and wrote a config saying 4 bits over int8 tensors (not
+    loadable), int4 -> --int8 a config saying 8 bits over int4 tensors."""
+    from mixtral.cli import main
+
+    small_model(seed=3).save_pretrained(tmp_path / "fp32")
+    for first, second in (("int8", "int4"), ("int4", "int8")):
+        assert main(["quantize", str(tmp_path / "fp32"), str(tmp_path / first), "--" + first]) == 0
+        capsys.readouterr()
+        assert main(["quantize", str(tmp_path / first), str(tmp_path / "again"), "--" + second]) == 2
+        err = capsys.readouterr().err
+        assert "already quantized" in err and "float checkpoint" in err
+        assert not (tmp_path / "again").exists()
+        with pytest.raises(ValueError, match="already quantized"):
+            quantize_model(MixtralForCausalLM.from_pretrained(tmp_path / first), second)
+
+
+@pytest.mark.parametrize("bad", [0, -32, 48, 50])
+def test_int4_group_size_must_be_a_positive_multiple_of_32(bad):
+    with pytest.raises(ValueError, match="positive multiple of 32"):
+        quantize_model(small_model(), "int4", group_size=bad)
+
+
+def test_recorded_group_size_is_the_one_every_tensor_uses(tmp_path, capsys):
+    """Before: the requested size was recorded whatever was used (128 recorded, 64 used by the experts
+    here, 128 by attention)."""
+    import json
+
+    from mixtral.cli import main
+
+    # attention inputs 128, expert inputs 128 and 192: 64 is the largest group dividing them all
+    model = quantize_model(small_model(hidden_size=128, intermediate_size=192, num_attention_heads=4,
+                                       num_key_value_heads=2), "int4", group_size=128)
+    used = {m.group_size for m in model.modules() if isinstance(m, QuantizedTensor) and m.bits == 4}
+    assert used == {64} and model.quantization_config["group_size"] == 64
+    model.save_pretrained(tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"]["group_size"] == 64
+    # a checkpoint recording a size its tensors do not have is described by the tensors once loaded
+    config["quantization_config"]["group_size"] = 128
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    assert MixtralForCausalLM.from_pretrained(tmp_path / "q").quantization_config["group_size"] == 64
+    # the command: --group-size belongs to int4
+    small_model().save_pretrained(tmp_path / "fp32")
+    assert main(["quantize", str(tmp_path / "fp32"), str(tmp_path / "q8"), "--int8", "--group-size", "64"]) == 2
+    assert "--group-size applies to --int4 only" in capsys.readouterr().err

@@ -72,7 +72,8 @@ def reference(loaded, prompt_ids: list[int], max_tokens: int) -> tuple[str, str,
 
 
 def chat_ids(loaded, text: str) -> list[int]:
-    return loaded[1].apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return loaded[1].apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                         return_dict=False)
 
 
 # -- engine ------------------------------------------------------------------------------------------------
@@ -115,6 +116,36 @@ def test_seeded_sampling_is_reproducible_beside_others(server, loaded):
     others = [Request(chat_ids(loaded, "hi"), 16, params, seed=s) for s in range(3)]
     beside = run_to_completion(engine, [*others, Request(ids, 16, params, seed=7)])
     assert wait_all(beside[-1]) == alone
+
+
+def test_frequency_and_presence_penalties_follow_openai(server, loaded):
+    """Against the formula written out (logit -= frequency * count + presence * (count > 0), over
+    the tokens generated so far), decoded without a cache; and beside an unpenalized request."""
+    model, tok = loaded
+    engine = server[1]
+    ids = tok.encode(LONG)
+    fp, pp, n = 0.7, 1.3, 24
+    out: list[int] = []
+    counts = torch.zeros(model.config.vocab_size)
+    with torch.inference_mode():
+        for _ in range(n):
+            logits = model(torch.tensor([ids + out])).logits[0, -1].float()
+            token = int((logits - fp * counts - pp * (counts > 0)).argmax())
+            out.append(token)
+            counts[token] += 1
+            if token in engine.eos_ids:
+                break
+    plain, penalized = run_to_completion(engine, [
+        Request(ids, n), Request(ids, n, frequency_penalty=fp, presence_penalty=pp)])
+    text, final = wait_all(penalized)
+    assert final.completion_tokens == len(out) and text == tok.decode(out, skip_special_tokens=True)
+    assert wait_all(plain)[0] == reference(loaded, ids, n)[0] != text  # the penalty changed something
+
+
+def test_max_context_below_two_is_refused(loaded):
+    for bad in (0, 1, -5):
+        with pytest.raises(ValueError, match="max_context must be >= 2"):
+            Engine(*loaded, max_context=bad)
 
 
 # -- HTTP ----------------------------------------------------------------------------------------------------
@@ -197,6 +228,16 @@ def test_eight_concurrent_greedy_requests_match_alone(client, server, loaded):
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
     ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "the " * 1100}]}, 400, "messages"),
+    # before: HTTP 500 "Overflow when unpacking long long" (from torch.Generator.manual_seed)
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "seed": 10**23}, 400, "seed"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 2.5}, 400,
+     "frequency_penalty"),
+    # before: 200 as if honoured (logprobs null, plain text, no tool call)
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+     400, "response_format"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required",
+      "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools"),
 ])
 def test_bad_requests_get_openai_errors(server, body, status, param):
     if isinstance(body, bytes):
@@ -208,6 +249,21 @@ def test_bad_requests_get_openai_errors(server, body, status, param):
     err = r.json()["error"]
     assert err["message"] and err["type"] == "invalid_request_error" and err["param"] == param
     assert httpx.get(server[0] + "/health").status_code == 200
+
+
+def test_unsupported_options_are_refused_and_defaults_accepted(server):
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
+    for body, param in (({**chat, "top_logprobs": 3}, "top_logprobs"),
+                        ({**chat, "logit_bias": {"5": 10}}, "logit_bias"),
+                        ({"model": MODEL, "prompt": "hi", "logprobs": 0}, "logprobs"),
+                        ({"model": MODEL, "prompt": "hi", "echo": True}, "echo")):
+        url = server[0] + ("/v1/chat/completions" if "messages" in body else "/v1/completions")
+        r = httpx.post(url, json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, body
+        assert "not supported" in r.json()["error"]["message"]
+    ok = {**chat, "logprobs": False, "response_format": {"type": "text"}, "tools": [], "tool_choice": "none",
+          "frequency_penalty": 0, "presence_penalty": None, "seed": 2**64 - 1}
+    assert httpx.post(server[0] + "/v1/chat/completions", json=ok, timeout=30).status_code == 200
 
 
 def test_openai_client_raises_on_errors(client):

@@ -2,11 +2,13 @@
 
 from .cache import KVCache
 from .config import MixtralConfig
+from .generation import GenerationConfig
 from .model import MixtralForCausalLM, MixtralForSequenceClassification, MixtralModel
 from .moe import load_balancing_loss
 from .tokenizer import Tokenizer
 
 __all__ = [
+    "GenerationConfig",
     "KVCache",
     "MixtralConfig",
     "MixtralForCausalLM",

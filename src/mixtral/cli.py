@@ -61,7 +61,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         print(DEMO_NOTICE, file=sys.stderr)
     if args.chat:
-        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                      return_dict=False)
     else:
         ids = tok.encode(args.prompt)
     if not ids:
@@ -106,6 +107,31 @@ class TimedStreamer:
         self.inner.end()
 
 
+def _bounded(kind: type, low: float, *, inclusive: bool = True, multiple: int | None = None):
+    """An argparse ``type`` that parses ``kind`` and refuses values below ``low`` (or equal to it when
+    not ``inclusive``) or not a multiple of ``multiple``: a bad number is a usage error naming the
+    option, not a traceback from deep inside (``--threads 0``) or a silently different run
+    (``--temperature -1`` running greedy)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if value < low or (not inclusive and value == low) or value != value:  # (value != value: NaN)
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}, got {text}")
+        if multiple and value % multiple:
+            raise argparse.ArgumentTypeError(f"must be a multiple of {multiple}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+POSITIVE_INT = _bounded(int, 1)
+NON_NEGATIVE = _bounded(float, 0.0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixtral", description="Run, convert, quantize and serve Mixtral models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", help="checkpoint directory, .gguf file or hub id (default: the demo model)")
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
         p.add_argument("--quantize", choices=["int8", "int4"], help="quantize weights at load time")
-        p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
+        p.add_argument("--threads", type=POSITIVE_INT, help="CPU threads (default: physical cores)")
 
     g = sub.add_parser("generate", help="generate text from a prompt, streaming it")
     model_args(g)
@@ -123,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(dtype=None)  # per device: float32 on the CPU, bfloat16 on CUDA
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--max-new-tokens", type=POSITIVE_INT, default=128)
+    g.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float)
     g.add_argument("--top-k", type=int)
     g.add_argument("--seed", type=int)
@@ -133,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="interactive multi-turn chat in the terminal (reads piped stdin too)")
     model_args(c)
     c.add_argument("--system", help="system prompt")
-    c.add_argument("--max-new-tokens", type=int, default=256)
-    c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--max-new-tokens", type=POSITIVE_INT, default=256)
+    c.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 = greedy")
     c.add_argument("--top-p", type=float)
     c.add_argument("--seed", type=int)
     c.set_defaults(func=lambda a: _lazy("mixtral.serve.chat", "run_chat")(a))
@@ -143,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--max-batch", type=int, default=8)
-    s.add_argument("--max-context", type=int, help="tokens per request, prompt + output (default: model's)")
+    s.add_argument("--max-batch", type=POSITIVE_INT, default=8)
+    s.add_argument("--max-context", type=_bounded(int, 2),
+                   help="tokens per request, prompt + output (default: model's)")
     s.add_argument("--served-model-name", help="the name clients use (default: the directory name)")
     s.set_defaults(func=lambda a: _lazy("mixtral.serve.server", "run_serve")(a))
 
@@ -163,17 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     cm.add_argument("src")
     cm.add_argument("dst")
     cm.add_argument("--max-shard-size", default="5GB")
-    cm.set_defaults(func=lambda a: _lazy("mixtral.checkpoint.mistral", "run_convert")(a))
+    cm.set_defaults(func=lambda a: _lazy("mixtral.checkpoint.mistral", "run_convert")(a), output=("src", True))
     cg = csub.add_parser("gguf", help="llama.cpp GGUF -> HF layout")
     cg.add_argument("src")
     cg.add_argument("dst")
     cg.add_argument("--max-shard-size", default="5GB")
-    cg.set_defaults(func=lambda a: _lazy("mixtral.checkpoint.gguf", "run_convert")(a))
+    cg.set_defaults(func=lambda a: _lazy("mixtral.checkpoint.gguf", "run_convert")(a), output=("src", True))
     ct = csub.add_parser("to-gguf", help="HF layout -> llama.cpp GGUF")
     ct.add_argument("src")
     ct.add_argument("dst")
     ct.add_argument("--type", default="F16", choices=["F32", "F16", "Q8_0", "Q4_0", "Q4_1"])
-    ct.set_defaults(func=lambda a: _lazy("mixtral.checkpoint.gguf", "run_export")(a))
+    ct.set_defaults(func=lambda a: _lazy("mixtral.checkpoint.gguf", "run_export")(a), output=("src", False))
 
     u = sub.add_parser("upcycle", help="dense Llama/Mistral checkpoint -> Mixtral with copied experts")
     u.add_argument("dense")
@@ -182,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--top-k", type=int, default=2)
     u.add_argument("--noise", type=float, default=0.0, help="std of noise added to each expert copy")
     u.add_argument("--seed", type=int, default=0)
-    u.set_defaults(func=lambda a: _lazy("mixtral.checkpoint.upcycle", "run_upcycle")(a))
+    u.set_defaults(func=lambda a: _lazy("mixtral.checkpoint.upcycle", "run_upcycle")(a), output=("dense", True))
 
     q = sub.add_parser("quantize", help="weight-only int8/int4 quantization of a checkpoint")
     q.add_argument("src")
@@ -190,12 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     mode = q.add_mutually_exclusive_group(required=True)
     mode.add_argument("--int8", action="store_true")
     mode.add_argument("--int4", action="store_true")
-    q.add_argument("--group-size", type=int, default=32,
-                   help="int4 group size (multiple of 32); 32 keeps perplexity within 0.1%% on the demo model")
+    q.add_argument("--group-size", type=_bounded(int, 32, multiple=32),
+                   help="int4 group size, a multiple of 32 (default 32, lowered where it does not divide the "
+                        "input sizes); 32 keeps perplexity within 0.1%% on the demo model")
     q.add_argument("--lm-head", action="store_true", help="also quantize the output head (always int8)")
     q.add_argument("--activations", choices=["int8", "fp32"], default="int8",
                    help="decode kernels round activations to int8 blocks (fast, default) or keep fp32 (exact)")
-    q.set_defaults(func=lambda a: _lazy("mixtral.quant", "run_quantize")(a))
+    q.set_defaults(func=lambda a: _lazy("mixtral.quant", "run_quantize")(a), output=("src", True))
     return parser
 
 
@@ -207,12 +235,20 @@ def _lazy(module: str, name: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .checkpoint.loading import CheckpointError
+    from .checkpoint.loading import CheckpointError, check_output_path
 
     try:
+        if getattr(args, "output", None):  # commands writing args.dst: refuse a bad one before the load
+            source, directory = args.output
+            check_output_path(Path(args.dst), [Path(getattr(args, source))], directory=directory)
         return int(args.func(args) or 0)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # missing input, unwritable or full disk: the user's to fix, not a bug to trace
+        where = e.filename or getattr(args, "dst", None)
+        detail = e.strerror or str(e)
+        print(f"error: {where}: {detail}" if where else f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

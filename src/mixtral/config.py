@@ -19,7 +19,15 @@ ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "relu")
 CONFIG_NAME = "config.json"
 
 
-@dataclass
+# config.json keys that describe the file rather than the model, or are read elsewhere
+# (``quantization_config`` by ``mixtral.quant``): never kept as config attributes.
+NOT_ATTRIBUTES = frozenset({
+    "architectures", "model_type", "transformers_version", "quantization_config", "_name_or_path",
+    "auto_map", "id2label", "label2id", "rope_parameters", "rope_scaling", "dtype",
+})
+
+
+@dataclass(init=False)
 class MixtralConfig:
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -48,15 +56,41 @@ class MixtralConfig:
     # Sequence classification head.
     num_labels: int = 2
     problem_type: str | None = None
+    # Defaults of the optional outputs, as in transformers (a call's own argument wins).
+    output_hidden_states: bool = False
+    output_attentions: bool = False
+    return_dict: bool = True
     # Not a model field: the dtype the weights were saved in, kept for config.json round trips.
     torch_dtype: str | None = field(default=None, repr=False)
 
     model_type = "mixtral"
 
-    def __post_init__(self) -> None:
+    def __init__(self, **kwargs: Any) -> None:
+        """Keyword arguments as transformers' ``MixtralConfig`` takes them, v4 or v5 spellings
+        (``rope_parameters``/``rope_scaling``, ``dtype``, ``id2label``). Keys that are not fields are
+        kept as attributes and written back to config.json, as transformers does."""
+        kwargs = _normalize_keys(kwargs)
+        self.id2label = kwargs.pop("id2label", None)
+        self.architectures = kwargs.get("architectures")  # written by save_pretrained: the saving class
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, kwargs.pop(f.name) if f.name in kwargs else f.default)
+        self.extra_keys = sorted(k for k in kwargs if k not in NOT_ATTRIBUTES)
+        for key in self.extra_keys:
+            setattr(self, key, kwargs[key])
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.id2label is not None:
+            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            self.num_labels = len(self.id2label)
         self.validate()
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {v: k for k, v in self.id2label_or_default.items()}
+
+    @property
+    def id2label_or_default(self) -> dict[int, str]:
+        return self.id2label if self.id2label is not None else {i: f"LABEL_{i}" for i in range(self.num_labels)}
 
     # -- derived values -------------------------------------------------------------------------
     @property
@@ -80,6 +114,25 @@ class MixtralConfig:
 
     # -- validation -----------------------------------------------------------------------------
     def validate(self) -> None:
+        # Types first: a config.json string such as "false" or "1e-5" must not pass as a value
+        # (the string "false" is truthy, so it would tie the output head to the embeddings).
+        for name in ("use_cache", "tie_word_embeddings", "output_router_logits", "output_hidden_states",
+                     "output_attentions", "return_dict"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MixtralConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("initializer_range", "rms_norm_eps", "rope_theta", "attention_dropout",
+                     "router_aux_loss_coef", "router_jitter_noise"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"MixtralConfig.{name} must be a number, got {value!r}")
+        for name in ("pad_token_id", "bos_token_id"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"MixtralConfig.{name} must be a token id (an integer >= 0) or null, got {value!r}")
+        eos = self.eos_token_id
+        if eos is not None and not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                       for t in (eos if isinstance(eos, list) else [eos])):
+            raise ValueError(f"MixtralConfig.eos_token_id must be a token id or a list of them, got {eos!r}")
         positive = (
             "vocab_size",
             "hidden_size",
@@ -135,37 +188,45 @@ class MixtralConfig:
     # -- config.json ----------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MixtralConfig:
-        """Build from a ``config.json`` dictionary (transformers v4 or v5); unknown keys are ignored."""
-        data = dict(data)
-        rope = data.pop("rope_parameters", None) or data.pop("rope_scaling", None)
-        if isinstance(rope, dict):
-            rope_type = rope.get("rope_type", rope.get("type", "default"))
-            if rope_type not in ("default", None):
-                raise ValueError(f"rope_parameters.rope_type {rope_type!r} is not supported (only 'default')")
-            if "rope_theta" in rope and "rope_theta" not in data:
-                data["rope_theta"] = rope["rope_theta"]
-        if "num_labels" not in data and isinstance(data.get("id2label"), dict):
-            data["num_labels"] = len(data["id2label"])
-        if "torch_dtype" not in data and isinstance(data.get("dtype"), str):
-            data["torch_dtype"] = data["dtype"]
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in data.items() if k in names}
-        for key in ("rope_theta", "rms_norm_eps", "initializer_range", "router_aux_loss_coef"):
-            if isinstance(kwargs.get(key), int):
-                kwargs[key] = float(kwargs[key])
-        return cls(**kwargs)
+        """Build from a ``config.json`` dictionary (transformers v4 or v5)."""
+        return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``config.json`` dictionary, in the layout transformers writes (v4 keys, which v5 reads too)."""
-        out: dict[str, Any] = {"architectures": ["MixtralForCausalLM"], "model_type": self.model_type}
+        out: dict[str, Any] = {
+            "architectures": getattr(self, "architectures", None) or ["MixtralForCausalLM"],
+            "model_type": self.model_type,
+        }
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name == "torch_dtype" and value is None:
                 continue
             out[f.name] = value
-        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
-        out["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+        for key in self.extra_keys:
+            out[key] = getattr(self, key)
+        out["id2label"] = {str(i): label for i, label in self.id2label_or_default.items()}
+        out["label2id"] = self.label2id
         return out
+
+    def to_json_string(self, use_diff: bool = False) -> str:
+        """config.json's text; ``use_diff`` keeps only what differs from the defaults (transformers' flag)."""
+        data = self.to_dict()
+        if use_diff:
+            defaults = MixtralConfig().to_dict()
+            data = {k: v for k, v in data.items() if k in ("architectures", "model_type") or defaults.get(k) != v}
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def update(self, values: dict[str, Any]) -> None:
+        """Set several attributes at once (transformers' ``config.update``), then check the result."""
+        for key, value in _normalize_keys(values).items():
+            if key == "id2label":
+                self.id2label = {int(k): str(v) for k, v in value.items()}
+                self.num_labels = len(self.id2label)
+                continue
+            if key not in {f.name for f in dataclasses.fields(self)} and key not in self.extra_keys:
+                self.extra_keys = sorted([*self.extra_keys, key])
+            setattr(self, key, value)
+        self.validate()
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> MixtralConfig:
@@ -197,4 +258,29 @@ class MixtralConfig:
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        (directory / CONFIG_NAME).write_text(self.to_json_string())
+
+
+def _normalize_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """transformers v5 and v4 spellings -> our field names: rope_parameters/rope_scaling ->
+    rope_theta (only the default rope type exists in Mixtral), dtype -> torch_dtype, integer
+    floats -> floats."""
+    data = dict(data)
+    rope = data.pop("rope_parameters", None) or data.pop("rope_scaling", None)
+    if isinstance(rope, dict):
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise ValueError(f"rope_parameters.rope_type {rope_type!r} is not supported (only 'default')")
+        if "rope_theta" in rope and "rope_theta" not in data:
+            data["rope_theta"] = rope["rope_theta"]
+    dtype = data.pop("dtype", None)
+    if dtype is not None and data.get("torch_dtype") is None:
+        data["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if isinstance(data.get("id2label"), dict):  # the labels decide num_labels
+        num_labels = data.pop("num_labels", None)
+        if num_labels is not None and num_labels != len(data["id2label"]):
+            raise ValueError(f"MixtralConfig: num_labels={num_labels} but id2label has {len(data['id2label'])} labels")
+    for key in ("rope_theta", "rms_norm_eps", "initializer_range", "router_aux_loss_coef"):
+        if isinstance(data.get(key), int) and not isinstance(data.get(key), bool):
+            data[key] = float(data[key])
+    return data

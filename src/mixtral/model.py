@@ -18,10 +18,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .cache import KVCache, RaggedDecodeView, StepLayout
 from .config import MixtralConfig
+from .generation import GenerateDecoderOnlyOutput, GenerationConfig, generate
 from .moe import SparseMoeBlock, load_balancing_loss
 from .outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
 
@@ -380,6 +382,8 @@ class MixtralPreTrainedModel(nn.Module):
             raise ValueError(
                 f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}"
             )
+        if not isinstance(config, MixtralConfig) and hasattr(config, "to_dict"):
+            config = MixtralConfig.from_dict(config.to_dict())  # a transformers MixtralConfig
         self.config = config
         self.attn_implementation = attn_implementation
 
@@ -409,8 +413,86 @@ class MixtralPreTrainedModel(nn.Module):
             with torch.no_grad():
                 embed.weight[self.config.pad_token_id].zero_()
 
+    # -- transformers' model utilities -----------------------------------------------------------
+    def get_decoder(self) -> MixtralModel:
+        return getattr(self, self.base_model_prefix)
+
     def get_input_embeddings(self) -> nn.Embedding:
-        return getattr(self, self.base_model_prefix).embed_tokens
+        return self.get_decoder().embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.get_decoder().embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return getattr(self, "lm_head", None)
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def tie_weights(self) -> None:
+        """Share the input embeddings with the output head when ``config.tie_word_embeddings``."""
+        head = self.get_output_embeddings()
+        if self.config.tie_word_embeddings and isinstance(head, nn.Linear):
+            head.weight = self.get_input_embeddings().weight
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
+        """Grow or shrink the vocabulary (input embeddings and output head), as transformers does:
+        kept rows are copied; new rows are drawn around the old rows' mean with 1e-9 of their
+        covariance (``mean_resizing``, so new tokens do not disturb the output distribution at
+        first) or from normal(0, initializer_range)."""
+        old = self.get_input_embeddings()
+        if new_num_tokens is None:
+            new_num_tokens = old.num_embeddings
+        if pad_to_multiple_of is not None:
+            new_num_tokens = -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
+        if new_num_tokens < 1:
+            raise ValueError(f"resize_token_embeddings: new_num_tokens must be >= 1, got {new_num_tokens}")
+        if new_num_tokens == old.num_embeddings:
+            return old
+        head = self.get_output_embeddings()
+        tied = head is not None and getattr(head, "weight", None) is old.weight
+        if head is not None and not isinstance(head, nn.Linear):
+            raise ValueError("resize_token_embeddings: the output head is quantized; resize the float model")
+        embed = nn.Embedding(new_num_tokens, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+        embed.weight.data = _resized_rows(old.weight.data, new_num_tokens, mean_resizing, self.config)
+        self.set_input_embeddings(embed)
+        if head is not None and tied:
+            head.weight = embed.weight
+        elif head is not None:
+            new_head = nn.Linear(head.in_features, new_num_tokens, bias=False, device=head.weight.device,
+                                 dtype=head.weight.dtype)
+            new_head.weight.data = _resized_rows(head.weight.data, new_num_tokens, mean_resizing, self.config)
+            self.set_output_embeddings(new_head)
+        self.config.vocab_size = new_num_tokens
+        return embed
+
+    def enable_input_require_grads(self) -> None:
+        """Make the embeddings' output require grad, so gradient checkpointing works with frozen
+        embeddings (adapters such as LoRA train only inner weights)."""
+        def hook(module, inputs, output):
+            output.requires_grad_(True)
+
+        self._input_grad_hook = self.get_input_embeddings().register_forward_hook(hook)
+
+    def disable_input_require_grads(self) -> None:
+        hook = getattr(self, "_input_grad_hook", None)
+        if hook is not None:
+            hook.remove()
+            self._input_grad_hook = None
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each decoder layer in the backward pass instead of keeping its activations
+        (``torch.utils.checkpoint``, non-reentrant unless ``{"use_reentrant": True}`` is passed)."""
+        self.get_decoder().gradient_checkpointing = dict(gradient_checkpointing_kwargs or {})
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.get_decoder().gradient_checkpointing = None
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.get_decoder().gradient_checkpointing is not None
 
     @property
     def device(self) -> torch.device:
@@ -420,33 +502,60 @@ class MixtralPreTrainedModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameters counted once (tied weights are one tensor); ``exclude_embeddings`` leaves out
+        the input embeddings (transformers' rule: the ``nn.Embedding`` modules, not the head)."""
+        skip = {id(self.get_input_embeddings().weight)} if exclude_embeddings else set()
+        unique = {id(p): p for p in self.parameters() if id(p) not in skip}
+        return sum(p.numel() for p in unique.values() if p.requires_grad or not only_trainable)
 
     @classmethod
     def from_pretrained(
         cls,
         path: str | Path,
         *,
-        dtype: torch.dtype | str = torch.float32,
-        device: torch.device | str = "cpu",
+        dtype: torch.dtype | str = "auto",
+        device: torch.device | str | None = None,
         attn_implementation: str = "sdpa",
         quantize: str | None = None,
         **kwargs: Any,
     ):
-        """Load from an HF directory, a raw Mistral release, a GGUF file, or a hub repo id."""
+        """Load from an HF directory, a raw Mistral release, a GGUF file, or a hub repo id.
+
+        As in transformers 5, ``dtype="auto"`` (the default) keeps the dtype the checkpoint was
+        saved in (bf16 for Mistral's releases; fp32 for a GGUF file, which is dequantized). On a
+        CPU without fast bf16 products pass ``dtype=torch.float32``. transformers' keywords are
+        taken: ``torch_dtype``, ``device_map`` (one device: a name, ``"auto"`` or ``{"": dev}``),
+        ``config`` (ours or transformers'), config attributes to override (``num_labels=3``), and
+        ``low_cpu_mem_usage``/``trust_remote_code``/``use_safetensors``, which change nothing here
+        (loading is always lazy and local code only; only safetensors and GGUF are read).
+        """
         from .checkpoint import load_pretrained
 
         if "torch_dtype" in kwargs:
             dtype = kwargs.pop("torch_dtype")
+        device = _device_of(kwargs.pop("device_map", None), device)
+        for flag in ("low_cpu_mem_usage", "trust_remote_code"):
+            kwargs.pop(flag, None)
+        if kwargs.pop("use_safetensors", None) is False:
+            raise ValueError("use_safetensors=False: only safetensors (and GGUF) checkpoints are read")
+        config = kwargs.pop("config", None)
+        if config is not None and not isinstance(config, MixtralConfig):
+            config = MixtralConfig.from_dict(config.to_dict())
+        progress = kwargs.pop("progress", None)
         return load_pretrained(
             cls, path, dtype=dtype, device=device, attn_implementation=attn_implementation,
-            quantize=quantize, **kwargs,
+            quantize=quantize, config=config, progress=progress, config_overrides=kwargs,
         )
 
-    def save_pretrained(self, directory: str | Path, max_shard_size: int | str = "5GB") -> None:
+    def save_pretrained(
+        self, directory: str | Path, max_shard_size: int | str = "5GB", safe_serialization: bool = True
+    ) -> None:
         """Write the hub layout (config.json + safetensors, sharded with an index when large);
         a quantized model writes the quantized layout of ``mixtral.quant`` instead."""
+        if not safe_serialization:
+            raise ValueError("save_pretrained writes safetensors only (safe_serialization=False is not supported)")
+        self.config.architectures = [type(self).__name__]
         if getattr(self, "quantization_config", None) is not None:
             from .quant.checkpoint import save_quantized
 
@@ -471,10 +580,12 @@ class MixtralModel(MixtralPreTrainedModel):
 
     def __init__(self, config: MixtralConfig, attn_implementation: str = "sdpa") -> None:
         super().__init__(config, attn_implementation)
+        config = self.config  # ours, also when a transformers config was passed
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.register_buffer("inv_freq", rotary_inv_freq(config), persistent=False)
+        self.gradient_checkpointing: dict | None = None  # torch.utils.checkpoint's kwargs when enabled
         self.init_weights()
 
     @property
@@ -513,10 +624,13 @@ class MixtralModel(MixtralPreTrainedModel):
         if T == 0:
             raise ValueError("empty input: the sequence has no tokens")
         use_cache = config.use_cache if use_cache is None else use_cache
+        checkpointing = self.gradient_checkpointing is not None and self.training and torch.is_grad_enabled()
+        if checkpointing and use_cache:
+            use_cache = False  # a cache written during recomputation would be written twice
         record = Recorder.of(
-            bool(output_attentions),
+            bool(output_attentions if output_attentions is not None else config.output_attentions),
             bool(output_router_logits if output_router_logits is not None else config.output_router_logits),
-            bool(output_hidden_states),
+            bool(output_hidden_states if output_hidden_states is not None else config.output_hidden_states),
         )
         past_key_values = to_kv_cache(past_key_values, self, B)
         if use_cache and past_key_values is None:
@@ -524,10 +638,14 @@ class MixtralModel(MixtralPreTrainedModel):
 
         new_valid = None
         if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < T:
+            past = past_key_values.seen if past_key_values is not None else 0
+            columns = attention_mask.shape[-1]
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != B or not T <= columns <= past + T:
+                # Only the last T columns are read (the cache keeps the past's); more columns than
+                # past + T would mean the mask and the cache disagree about where the row is.
                 raise ValueError(
-                    f"attention_mask must be (batch, past + seq_len) with batch={B} and at least {T} "
-                    f"columns, got shape {tuple(attention_mask.shape)}"
+                    f"attention_mask must be (batch, past + seq_len) = ({B}, {past + T}) (or ({B}, {T}): the "
+                    f"new tokens' columns), got shape {tuple(attention_mask.shape)}"
                 )
             new_valid = attention_mask[:, -T:].to(device=inputs_embeds.device).bool()
         if past_key_values is not None:
@@ -564,7 +682,11 @@ class MixtralModel(MixtralPreTrainedModel):
             h = fused
         else:
             for layer in self.layers:
-                h = layer(h, cos, sin, mask, past_key_values, self.attn_implementation, record)
+                if checkpointing:
+                    h = checkpointed_layer(layer, h, cos, sin, mask, self.attn_implementation, record,
+                                           self.gradient_checkpointing)
+                else:
+                    h = layer(h, cos, sin, mask, past_key_values, self.attn_implementation, record)
                 if record is not None and record.hidden_states is not None:
                     record.hidden_states.append(h)
         h = self.norm(h)
@@ -579,12 +701,76 @@ class MixtralModel(MixtralPreTrainedModel):
             attentions=tuple(record.attentions) if record and record.attentions is not None else None,
             router_logits=tuple(record.router_logits) if record and record.router_logits is not None else None,
         )
-        return out if return_dict is not False else out.to_tuple()
+        return out if (return_dict if return_dict is not None else config.return_dict) else out.to_tuple()
+
+
+def checkpointed_layer(layer: DecoderLayer, h, cos, sin, mask, implementation: str, record: Recorder | None,
+                       kwargs: dict) -> torch.Tensor:
+    """One layer under ``torch.utils.checkpoint`` (no cache: training). The backward pass re-runs
+    the layer, so the optional outputs come back as return values, collected by a recorder made
+    per call, and are added to ``record`` once, from the first run."""
+    want_probs = record is not None and record.attentions is not None
+    want_router = record is not None and record.router_logits is not None
+
+    def run(h, cos, sin):
+        local = Recorder.of(want_probs, want_router, False)
+        out = layer(h, cos, sin, mask, None, implementation, local)
+        return out, local.attentions[0] if want_probs else None, local.router_logits[0] if want_router else None
+
+    h, probs, router_logits = torch.utils.checkpoint.checkpoint(
+        run, h, cos, sin, **{"use_reentrant": False, **kwargs}
+    )
+    if record is not None:
+        record.add(probs, router_logits)
+    return h
 
 
 def _normal_(weight: torch.Tensor, std: float) -> None:
     if weight.device.type != "meta":
         nn.init.normal_(weight, mean=0.0, std=std)
+
+
+def _resized_rows(weight: torch.Tensor, rows: int, mean_resizing: bool, config: MixtralConfig) -> torch.Tensor:
+    """``weight``'s first rows, extended to ``rows`` (see ``resize_token_embeddings``)."""
+    out = torch.empty(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    kept = min(rows, weight.shape[0])
+    out[:kept] = weight[:kept]
+    added = rows - kept
+    if added == 0:
+        return out
+    if not mean_resizing:
+        nn.init.normal_(out[kept:], mean=0.0, std=config.initializer_range)
+        return out
+    old = weight.float()
+    mean = old.mean(dim=0)
+    centered = old - mean
+    covariance = centered.T @ centered / old.shape[0]
+    try:
+        dist = torch.distributions.MultivariateNormal(mean, covariance_matrix=1e-9 * covariance)
+        out[kept:] = dist.sample((added,)).to(weight.dtype)
+    except ValueError:  # covariance not positive definite (fewer rows than columns): the mean
+        out[kept:] = mean.to(weight.dtype)
+    return out
+
+
+def _device_of(device_map: Any, device: torch.device | str | None) -> torch.device | str:
+    """transformers' ``device_map`` for one device -> a device; the default is the CPU."""
+    if device_map is None:
+        return device if device is not None else "cpu"
+    if isinstance(device_map, dict):
+        if set(device_map) != {""}:
+            raise ValueError(
+                "device_map: a per-module map is not supported; the model loads whole onto one device "
+                "(pass a device name, 'auto' or {'': device})"
+            )
+        device_map = device_map[""]
+    if device_map == "auto":
+        device_map = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(device_map, int):
+        device_map = f"cuda:{device_map}"
+    if device is not None and torch.device(device) != torch.device(device_map):
+        raise ValueError(f"device={device!r} and device_map={device_map!r} disagree")
+    return device_map
 
 
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
@@ -625,18 +811,32 @@ def to_kv_cache(past: Any, model: MixtralModel, batch: int) -> KVCache | None:
     raise TypeError(f"past_key_values must be a mixtral KVCache or a tuple of (k, v) pairs, got {type(past)}")
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy: labels are shifted here, -100 ignored, mean over counted tokens."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+    """Next-token cross-entropy: labels are shifted here, -100 ignored, mean over counted tokens.
+
+    ``num_items_in_batch`` (passed by transformers' Trainer under gradient accumulation) is the
+    count of labelled tokens over all accumulated micro-batches: the sum is divided by it instead,
+    so every token weighs the same however the tokens fall into micro-batches.
+    """
     labels = F.pad(labels, (0, 1), value=-100)[..., 1:].to(logits.device)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    flat = logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    if num_items_in_batch is None:
+        return F.cross_entropy(*flat, ignore_index=-100)
+    total = F.cross_entropy(*flat, ignore_index=-100, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
 
 
 class MixtralForCausalLM(MixtralPreTrainedModel):
     def __init__(self, config: MixtralConfig, attn_implementation: str = "sdpa") -> None:
         super().__init__(config, attn_implementation)
+        config = self.config  # ours, also when a transformers config was passed
         self.model = MixtralModel(config, attn_implementation)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         _normal_(self.lm_head.weight, config.initializer_range)
+        # generate()'s defaults; from_pretrained replaces them with the checkpoint's generation_config.json
+        self.generation_config = GenerationConfig.from_model_config(config)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -662,13 +862,13 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
             use_cache=use_cache, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            output_router_logits=want_router,
+            output_router_logits=want_router, return_dict=True,
         )
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = project(self.lm_head, h)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        loss = causal_lm_loss(logits, labels, kwargs.get("num_items_in_batch")) if labels is not None else None
         aux_loss = None
         if want_router:
             aux_loss = load_balancing_loss(
@@ -680,13 +880,12 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
             loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=out.past_key_values,
             hidden_states=out.hidden_states, attentions=out.attentions, router_logits=out.router_logits,
         )
-        return result if return_dict is not False else result.to_tuple()
+        return result if (return_dict if return_dict is not None else self.config.return_dict) else result.to_tuple()
 
-    def generate(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> torch.LongTensor:
+    def generate(self, input_ids: torch.Tensor | None = None, generation_config: Any = None,
+                 **kwargs: Any) -> torch.LongTensor | GenerateDecoderOnlyOutput:
         """transformers-style generation; see ``mixtral.generation.generate``."""
-        from .generation import generate
-
-        return generate(self, input_ids, **kwargs)
+        return generate(self, input_ids, generation_config, **kwargs)
 
 
 class MixtralForSequenceClassification(MixtralPreTrainedModel):
@@ -694,6 +893,7 @@ class MixtralForSequenceClassification(MixtralPreTrainedModel):
 
     def __init__(self, config: MixtralConfig, attn_implementation: str = "sdpa") -> None:
         super().__init__(config, attn_implementation)
+        config = self.config  # ours, also when a transformers config was passed
         self.model = MixtralModel(config, attn_implementation)
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         _normal_(self.score.weight, config.initializer_range)
@@ -718,7 +918,7 @@ class MixtralForSequenceClassification(MixtralPreTrainedModel):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
             use_cache=use_cache, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            output_router_logits=output_router_logits,
+            output_router_logits=output_router_logits, return_dict=True,
         )
         logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
         B = logits.shape[0]
@@ -737,7 +937,7 @@ class MixtralForSequenceClassification(MixtralPreTrainedModel):
             loss=loss, logits=pooled, past_key_values=out.past_key_values,
             hidden_states=out.hidden_states, attentions=out.attentions,
         )
-        return result if return_dict is not False else result.to_tuple()
+        return result if (return_dict if return_dict is not None else self.config.return_dict) else result.to_tuple()
 
 
 def classification_loss(pooled: torch.Tensor, labels: torch.Tensor, config: MixtralConfig) -> torch.Tensor:

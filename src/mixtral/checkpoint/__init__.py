@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 from typing import Any
@@ -86,14 +87,33 @@ def load_pretrained(
     quantize: str | None = None,
     config: Any = None,
     progress: bool | None = None,
+    config_overrides: dict[str, Any] | None = None,
 ):
+    """The model of ``cls`` in ``path``. ``config_overrides`` are config attributes set before the
+    model is built, as transformers takes them (``num_labels=3``, ``output_router_logits=True``):
+    a name that is not a config field is an error, not a silently ignored typo."""
     path = resolve_path(path)
     ckpt_config, source, rules = read_checkpoint(path)
     config = config or ckpt_config
+    if config_overrides:
+        import dataclasses
+
+        fields = {f.name for f in dataclasses.fields(config)} | {"id2label"}
+        unknown = sorted(set(config_overrides) - fields)
+        if unknown:
+            raise TypeError(f"from_pretrained() got arguments that are neither its own nor config fields: "
+                            f"{', '.join(unknown)}")
+        config = copy.deepcopy(config)
+        config.update(config_overrides)
     if dtype == "auto":
         dtype = config.torch_dtype or torch.float32
-    return build_model(cls, config, source, rules, origin=str(path), dtype=dtype, device=device,
-                       attn_implementation=attn_implementation, quantize=quantize, progress=progress)
+    model = build_model(cls, config, source, rules, origin=str(path), dtype=dtype, device=device,
+                        attn_implementation=attn_implementation, quantize=quantize, progress=progress)
+    if path.is_dir() and (path / "generation_config.json").exists() and hasattr(model, "generation_config"):
+        from ..generation import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model
 
 
 def from_state_dict(
@@ -151,9 +171,13 @@ def build_model(cls, config, source, rules, *, origin: str, dtype, device, attn_
     base.reset_rotary(device)
     if config.tie_word_embeddings and not bare and isinstance(getattr(model, "lm_head", None), torch.nn.Linear):
         model.lm_head.weight = base.embed_tokens.weight
-    if quantize and getattr(model, "quantization_config", None) is None:
+    held = getattr(model, "quantization_config", None)
+    if quantize and held is None:
         from ..quant import quantize_model
 
         quantize_model(model, quantize)
+    elif quantize and f"int{held['bits']}" != quantize:  # the same mode is a no-op; another can't be had
+        raise CheckpointError(f"{origin}: quantize={quantize!r}, but the checkpoint is already int{held['bits']}; "
+                              "quantize from the float checkpoint")
     model.eval()
     return model

@@ -100,6 +100,9 @@ class GGUFSource(TensorSource):
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(int(n) for n in reversed(self._tensors[key].shape.tolist()))
 
+    def dtype(self, key: str) -> torch.dtype:
+        return torch.float32  # every READ_TYPES tensor dequantizes to float32
+
     def get(self, key: str) -> torch.Tensor:
         from gguf.quants import dequantize
 
@@ -122,26 +125,46 @@ def config_from_gguf(meta: dict[str, Any], source: GGUFSource, path: Path) -> Mi
         raise CheckpointError(f"{path}: architecture {arch!r} is not supported; only 'llama' "
                               "(which llama.cpp uses for Llama, Mistral and Mixtral)")
 
-    def get(key: str, default: Any = None, required: bool = False) -> Any:
+    def get(key: str, default: Any = None, required: bool = False, kind: type = int) -> Any:
         value = meta.get(f"{arch}.{key}", default)
-        if required and value is None:
-            raise CheckpointError(f"{path}: metadata {arch}.{key} is missing")
+        if value is None:
+            if required:
+                raise CheckpointError(f"{path}: metadata {arch}.{key} is missing")
+            return None
         if isinstance(value, list):
             raise CheckpointError(f"{path}: per-layer values for {arch}.{key} are not supported")
+        ok = {int: (int,), float: (int, float), str: (str,)}[kind]
+        if not isinstance(value, ok) or (kind is not str and isinstance(value, bool)):
+            raise CheckpointError(f"{path}: metadata {arch}.{key} is {value!r} ({type(value).__name__}), "
+                                  f"expected {'a string' if kind is str else 'a number'}")
         return value
 
-    scaling = get("rope.scaling.type")
+    # llama.cpp reads a scaling factor (rope.scaling.factor, or the older rope.scale_linear) as linear
+    # scaling when rope.scaling.type is absent, and ignores it only for type "none".
+    scaling = get("rope.scaling.type", kind=str)
     if scaling not in (None, "none"):
         raise CheckpointError(f"{path}: rope scaling {scaling!r} is not supported")
+    factor = get("rope.scaling.factor", kind=float)
+    if factor is None:
+        factor = get("rope.scale_linear", kind=float)
+    if scaling is None and factor not in (None, 0.0, 1.0):
+        raise CheckpointError(f"{path}: rope scaling factor {factor} is not supported (without "
+                              f"{arch}.rope.scaling.type, llama.cpp applies it as linear scaling)")
     hidden, heads = get("embedding_length", required=True), get("attention.head_count", required=True)
+    if heads <= 0:
+        raise CheckpointError(f"{path}: metadata {arch}.attention.head_count is {heads}, expected a positive number")
     head_dim = get("attention.key_length") or hidden // heads
     rot = get("rope.dimension_count")
     if rot is not None and rot != head_dim:
         raise CheckpointError(f"{path}: partial rotary embeddings ({rot} of {head_dim} dims) are not supported")
     experts = get("expert_count") or 1
-    vocab = get("vocab_size") or (source.shape("token_embd.weight")[0] if "token_embd.weight" in source else None)
-    if vocab is None:
+    # llama.cpp asserts expert_used_count > 0 for a mixture; defaulting it would silently run top-1.
+    top_k = get("expert_used_count", required=True) if experts > 1 else 1
+    if "token_embd.weight" not in source:
         raise CheckpointError(f"{path}: no token_embd.weight tensor")
+    rows = source.shape("token_embd.weight")[0]
+    vocab = get("vocab_size") or rows  # a vocab_size that disagrees with the rows fails the shape check
+    _check_token_count(meta, rows, path)
     eos = meta.get("tokenizer.ggml.eos_token_id")
     try:
         return MixtralConfig(
@@ -153,17 +176,28 @@ def config_from_gguf(meta: dict[str, Any], source: GGUFSource, path: Path) -> Mi
             num_key_value_heads=int(get("attention.head_count_kv") or heads),
             head_dim=int(head_dim) if head_dim != hidden // heads else None,
             max_position_embeddings=int(get("context_length", 4096)),
-            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5, kind=float)),
+            rope_theta=float(get("rope.freq_base", 10000.0, kind=float)),
             num_local_experts=int(experts),
-            num_experts_per_tok=int(get("expert_used_count") or 1) if experts > 1 else 1,
+            num_experts_per_tok=int(top_k),
             tie_word_embeddings="output.weight" not in source,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_id=int(eos) if eos is not None else None,
             pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
         )
+    except CheckpointError:  # already says what is wrong (and is a ValueError: keep it from the clause below)
+        raise
     except ValueError as e:
         raise CheckpointError(f"{path}: metadata does not describe a valid model ({e})") from e
+
+
+def _check_token_count(meta: dict[str, Any], rows: int, path: Path) -> None:
+    """More tokens than embedding rows would give ids the model cannot look up (llama.cpp refuses
+    such a file too); fewer is normal: the extra rows are padding no token maps to."""
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens is not None and len(tokens) > rows:
+        raise CheckpointError(f"{path}: tokenizer.ggml.tokens has {len(tokens)} tokens but token_embd.weight "
+                              f"only {rows} rows: ids past the last row would index out of range")
 
 
 def _unpermute(n_heads: int):
@@ -173,6 +207,7 @@ def _unpermute(n_heads: int):
 def gguf_rules(config: MixtralConfig, keys: set[str]) -> dict[str, Rule]:
     """Internal name -> Rule over GGUF tensor names, for fused, per-expert or dense MLP tensors."""
     nh, nkv, E, H = config.num_attention_heads, config.num_key_value_heads, config.num_local_experts, config.hidden_size
+    I, hd = config.intermediate_size, config.dim_per_head
     rules = {
         "model.embed_tokens.weight": Rule(("token_embd.weight",)),
         "model.norm.weight": Rule(("output_norm.weight",)),
@@ -186,22 +221,25 @@ def gguf_rules(config: MixtralConfig, keys: set[str]) -> dict[str, Rule]:
             (b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight"),
             lambda ts, nh=nh, nkv=nkv: torch.cat(
                 [interleaved_to_half(ts[0], nh), interleaved_to_half(ts[1], nkv), ts[2]]),
+            ((nh * hd, H), (nkv * hd, H), (nkv * hd, H)),
         )
         rules[p + "self_attn.o_proj.weight"] = Rule((b + "attn_output.weight",))
         if b + "ffn_gate_exps.weight" in keys:
             rules[p + "mlp.experts.gate_up_proj"] = Rule(
-                (b + "ffn_gate_exps.weight", b + "ffn_up_exps.weight"), lambda ts: torch.cat(ts, dim=1))
+                (b + "ffn_gate_exps.weight", b + "ffn_up_exps.weight"), lambda ts: torch.cat(ts, dim=1),
+                ((E, I, H),) * 2)
             rules[p + "mlp.experts.down_proj"] = Rule((b + "ffn_down_exps.weight",))
         elif b + "ffn_gate.0.weight" in keys:
             rules[p + "mlp.experts.gate_up_proj"] = Rule(
                 tuple(f"{b}ffn_gate.{e}.weight" for e in range(E)) + tuple(f"{b}ffn_up.{e}.weight" for e in range(E)),
                 lambda ts, E=E: torch.stack([torch.cat([g, u]) for g, u in zip(ts[:E], ts[E:])]),
+                ((I, H),) * (2 * E),
             )
             rules[p + "mlp.experts.down_proj"] = Rule(
-                tuple(f"{b}ffn_down.{e}.weight" for e in range(E)), torch.stack)
+                tuple(f"{b}ffn_down.{e}.weight" for e in range(E)), torch.stack, ((H, I),) * E)
         else:  # dense: one expert
             rules.update(dense_as_one_expert(p, b + "ffn_gate.weight", b + "ffn_up.weight",
-                                             b + "ffn_down.weight", H))
+                                             b + "ffn_down.weight", H, I))
         if E > 1 or b + "ffn_gate_inp.weight" in keys:
             rules[p + "mlp.gate.weight"] = Rule((b + "ffn_gate_inp.weight",))
         else:  # a single expert needs no router: its softmax weight is 1 whatever the logit
@@ -314,7 +352,12 @@ def tokenizer_from_metadata(meta: dict[str, Any], origin: str = "GGUF"):
 
 def tokenizer_from_gguf(path: str | os.PathLike):
     path = Path(path)
-    return tokenizer_from_metadata(gguf_metadata(path), str(path))
+    reader = _open(path)
+    meta = _metadata(reader)
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is not None:
+        _check_token_count(meta, int(embd.shape[-1]), path)  # GGUF lists dims reversed: rows last
+    return tokenizer_from_metadata(meta, str(path))
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -558,7 +601,7 @@ def run_convert(args) -> int:
         model.save_pretrained(tmp, max_shard_size=args.max_shard_size)
         tokenizer.save_pretrained(tmp)
 
-    write_atomically(dst, write)
+    write_atomically(dst, write, replace=True, sources=[src])  # no stale files of an earlier checkpoint
     print(f"wrote {dst} ({model.num_parameters() / 1e6:.1f}M parameters, "
           f"{model.config.num_local_experts} experts, top-{model.config.num_experts_per_tok})")
     return 0
@@ -567,8 +610,13 @@ def run_convert(args) -> int:
 def run_export(args) -> int:
     """``mixtral convert to-gguf SRC DST.gguf --type T``: any readable checkpoint -> GGUF."""
     from ..model import MixtralForCausalLM
+    from . import _is_quantized
 
     src = Path(args.src)
+    if src.is_dir() and _is_quantized(src):  # checked first: loading 90 GB only to fail would waste minutes
+        raise CheckpointError(f"{src}: a quantized checkpoint (config.json has quantization_config) cannot be "
+                              "exported to GGUF; to-gguf needs a float checkpoint, which it quantizes itself "
+                              "(--type)")
     model = MixtralForCausalLM.from_pretrained(src, progress=True)
     tokenizer = None
     try:

@@ -48,12 +48,13 @@ def hf_rules(config: MixtralConfig, keys: set[str]) -> dict[str, Rule]:
         "lm_head.weight": Rule(("lm_head.weight",)),
         "score.weight": Rule(("score.weight",)),
     }
-    E = config.num_local_experts
+    E, H, I, hd = config.num_local_experts, config.hidden_size, config.intermediate_size, config.dim_per_head
+    q, kv = (config.num_attention_heads * hd, H), (config.num_key_value_heads * hd, H)
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         attn = p + "self_attn."
         rules[attn + "qkv_proj.weight"] = Rule(
-            (attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"), _cat
+            (attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"), _cat, (q, kv, kv)
         )
         for name in ("self_attn.o_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight"):
             rules[p + name] = Rule((p + name,))
@@ -66,10 +67,10 @@ def hf_rules(config: MixtralConfig, keys: set[str]) -> dict[str, Rule]:
             rules[p + "mlp.experts.gate_up_proj"] = Rule(
                 tuple(f"{moe}experts.{e}.w1.weight" for e in range(E))
                 + tuple(f"{moe}experts.{e}.w3.weight" for e in range(E)),
-                _stack_gate_up(E),
+                _stack_gate_up(E), ((I, H),) * (2 * E),
             )
             rules[p + "mlp.experts.down_proj"] = Rule(
-                tuple(f"{moe}experts.{e}.w2.weight" for e in range(E)), _stack
+                tuple(f"{moe}experts.{e}.w2.weight" for e in range(E)), _stack, ((H, I),) * E
             )
     return rules
 
@@ -122,8 +123,17 @@ class PrefixedSource(TensorSource):
     def get(self, key: str) -> torch.Tensor:
         return self.inner.get(self._map[key])
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.inner.shape(self._map[key])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.inner.dtype(self._map[key])
+
     def where(self, key: str) -> str:
         return self.inner.where(self._map.get(key, key))
+
+    def describe(self) -> str:
+        return self.inner.describe()
 
 
 def read_hf(directory: Path) -> tuple[MixtralConfig, TensorSource]:
@@ -183,6 +193,8 @@ def save_pretrained(model, directory: str | Path, max_shard_size: int | str = "5
         config = model.config
         config.torch_dtype = str(model.dtype).replace("torch.", "")
         config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:  # as transformers writes it
+            model.generation_config.save_pretrained(tmp)
         if len(shards) == 1:
             save_file({n: t.contiguous().clone() for n, t in shards[0]}, tmp / "model.safetensors",
                       metadata={"format": "pt"})

@@ -1,10 +1,11 @@
 """Format-independent checkpoint machinery: tensor sources, renaming rules, and loading into a model.
 
 Each checkpoint format provides (1) a ``TensorSource`` that reads its tensors by key and (2) a table
-of ``Rule``s: for every internal parameter name, the checkpoint keys it is made from and how to
-combine them. ``materialize`` fills a model built on the meta device from those, one parameter at a
-time, so peak memory stays near one copy of the weights. Anything missing, unexpected or misshapen
-is an error naming the file and tensor, raised before the model is returned.
+of ``Rule``s: for every internal parameter name, the checkpoint keys it is made from, the shape
+each of them must have, and how to combine them. ``materialize`` checks every source tensor's shape
+and dtype from the file headers first, then fills a model built on the meta device, one parameter at
+a time, so peak memory stays near one copy of the weights. Anything missing, unexpected or misshapen
+is an error naming the file and tensor, raised before any weight is read.
 """
 
 from __future__ import annotations
@@ -23,12 +24,26 @@ class CheckpointError(ValueError):
     """A checkpoint could not be read or does not fit the model; the message names file and tensor."""
 
 
+Shape = tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class Rule:
-    """An internal parameter built from checkpoint ``keys`` by ``combine`` (identity for one key)."""
+    """An internal parameter built from checkpoint ``keys`` by ``combine`` (identity for one key).
+
+    ``shapes`` is the shape each key must have, as the config implies. The parameter's own shape is
+    not enough for combined tensors: a q_proj/k_proj pair with their sizes swapped concatenates to
+    the right qkv size, and a transposed (H, E*I) w2 reshapes without complaint. Without ``shapes``,
+    a single-key identity rule is checked against the parameter itself.
+    """
 
     keys: tuple[str, ...]
     combine: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
+    shapes: tuple[Shape, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.shapes is not None and len(self.shapes) != len(self.keys):
+            raise ValueError(f"Rule for {self.keys[:2]}...: {len(self.shapes)} shapes for {len(self.keys)} keys")
 
     def build(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         if self.combine is None:
@@ -48,19 +63,26 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def dense_as_one_expert(prefix: str, gate: str, up: str, down: str, hidden_size: int) -> dict[str, Rule]:
+def dense_as_one_expert(prefix: str, gate: str, up: str, down: str, hidden_size: int,
+                        inter: int | None = None) -> dict[str, Rule]:
     """Rules loading a dense SwiGLU MLP (checkpoint keys ``gate``/``up``/``down``) as the single
     expert of layer ``prefix``. Its router gets a zero row: with one expert the softmax weight is 1
     whatever the logit, so the layer computes exactly the dense MLP."""
     return {
         prefix + "mlp.gate.weight": Rule((), lambda ts: torch.zeros(1, hidden_size)),
-        prefix + "mlp.experts.gate_up_proj": Rule((gate, up), lambda ts: torch.cat(ts)[None]),
-        prefix + "mlp.experts.down_proj": Rule((down,), lambda ts: ts[0][None]),
+        prefix + "mlp.experts.gate_up_proj": Rule((gate, up), lambda ts: torch.cat(ts)[None],
+                                                  None if inter is None else ((inter, hidden_size),) * 2),
+        prefix + "mlp.experts.down_proj": Rule((down,), lambda ts: ts[0][None],
+                                               None if inter is None else ((hidden_size, inter),)),
     }
 
 
 class TensorSource:
-    """Read-only mapping from checkpoint key to tensor; ``where(key)`` names the file for errors."""
+    """Read-only mapping from checkpoint key to tensor; ``where(key)`` names the file for errors.
+
+    ``shape`` and ``dtype`` come from headers (or memory-mapped metadata) without reading the data,
+    so that every tensor can be checked before the first one is loaded.
+    """
 
     def keys(self) -> Iterable[str]:
         raise NotImplementedError
@@ -68,8 +90,19 @@ class TensorSource:
     def get(self, key: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def shape(self, key: str) -> Shape:
+        raise NotImplementedError
+
+    def dtype(self, key: str) -> torch.dtype:
+        raise NotImplementedError
+
     def where(self, key: str) -> str:
         raise NotImplementedError
+
+    def describe(self) -> str:
+        """The checkpoint as a whole, for errors that are about no single tensor's file."""
+        keys = list(self.keys())
+        return self.where(keys[0]) if keys else "checkpoint"
 
     def __contains__(self, key: str) -> bool:
         return key in set(self.keys())
@@ -91,8 +124,26 @@ class DictSource(TensorSource):
     def get(self, key: str) -> torch.Tensor:
         return self.tensors[key]
 
+    def shape(self, key: str) -> Shape:
+        return tuple(self.tensors[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.tensors[key].dtype
+
     def where(self, key: str) -> str:
         return self.origin
+
+    def describe(self) -> str:
+        return self.origin
+
+
+# safetensors' dtype names (the header's "dtype" field)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 class SafetensorsSource(TensorSource):
@@ -101,16 +152,22 @@ class SafetensorsSource(TensorSource):
     Tensors are memory-mapped, and each file is opened only for the duration of one read: a
     handle kept open would keep every page read through it counted in the process's memory,
     on top of the copies that fused parameters (q|k|v, stacked experts) are built into.
+    Shapes and dtypes come from the headers, read once here.
     """
 
     def __init__(self, files: list[Path], index: dict[str, str] | None = None, index_path: Path | None = None):
         from safetensors import safe_open
 
+        self.files, self.index_path = list(files), index_path
         self._file_of: dict[str, Path] = {}
+        self._header: dict[str, dict] = {}
         for f in files:
+            listed = f" (listed in {index_path})" if index_path else ""
+            if f.is_dir():
+                raise CheckpointError(f"{f}: a directory, not a safetensors file{listed}")
             if not f.exists():
                 raise CheckpointError(f"{f}: shard listed in {index_path or 'the checkpoint'} does not exist")
-            _check_safetensors_extent(f, f.stat().st_size)
+            header = _read_safetensors_header(f, f.stat().st_size)
             try:
                 with safe_open(str(f), framework="pt") as handle:
                     keys = list(handle.keys())
@@ -119,7 +176,7 @@ class SafetensorsSource(TensorSource):
             for k in keys:
                 if k in self._file_of:
                     raise CheckpointError(f"{f}: tensor {k!r} also appears in {self._file_of[k]}")
-                self._file_of[k] = f
+                self._file_of[k], self._header[k] = f, header[k]
         if index is not None:
             for key, shard in index.items():
                 got = self._file_of.get(key)
@@ -131,10 +188,13 @@ class SafetensorsSource(TensorSource):
         index_path = directory / "model.safetensors.index.json"
         single = directory / "model.safetensors"
         if index_path.exists():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index_path}: not a valid safetensors index ({e})") from e
+            weight_map = read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index_path}: not a valid safetensors index (weight_map should map tensor "
+                                      f"names to shard files, found {type(weight_map).__name__})")
+            for key, name in weight_map.items():
+                if not isinstance(name, str):
+                    raise CheckpointError(f"{index_path}: weight_map[{key!r}] is {name!r}, expected a shard file name")
             files = sorted({directory / name for name in weight_map.values()})
             return cls(files, weight_map, index_path)
         if single.exists():
@@ -160,27 +220,51 @@ class SafetensorsSource(TensorSource):
         except Exception as e:
             raise CheckpointError(f"{f}: could not read tensor {key!r} ({e})") from e
 
+    def shape(self, key: str) -> Shape:
+        return tuple(self._header[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        name = self._header[key]["dtype"]
+        if name not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{self._file_of[key]}: tensor {key!r} has dtype {name}, which is not supported")
+        return SAFETENSORS_DTYPES[name]
+
     def where(self, key: str) -> str:
         return str(self._file_of.get(key, "?"))
 
+    def describe(self) -> str:
+        if self.index_path is None:
+            return str(self.files[0]) if len(self.files) == 1 else str(self.files[0].parent)
+        # Tensors missing from an index usually mean a shard it forgot: name the files it leaves out.
+        unlisted = sorted(p.name for p in self.index_path.parent.glob("*.safetensors") if p not in self.files)
+        return str(self.index_path) + (f" (which does not list {', '.join(unlisted)}, found beside it)"
+                                       if unlisted else "")
 
-def _check_safetensors_extent(path: Path, size: int) -> None:
-    """A truncated file must fail here, not later as garbage: the header says how long the data is."""
+
+def _read_safetensors_header(path: Path, size: int) -> dict:
+    """The header of ``path``, checked against the file's size: a truncated file must fail here, not
+    later as garbage, and a corrupt header length must not make us allocate it."""
     with open(path, "rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path}: truncated safetensors file (no header)")
         n = int.from_bytes(head, "little")
+        if 8 + n > size:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file: the header claims {n} bytes, "
+                                  f"the file has {size}")
         try:
             header = json.loads(fh.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     try:
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     except (KeyError, TypeError, IndexError, AttributeError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: truncated: the header describes {8 + n + end} bytes, the file has {size}")
+    return header
 
 
 def parse_dtype(dtype: torch.dtype | str | None, default: torch.dtype = torch.float32) -> torch.dtype:
@@ -231,20 +315,21 @@ def materialize(
     if missing:
         lines = ", ".join(f"{name} (needs {', '.join(lack[:3])}{'...' if len(lack) > 3 else ''})"
                           for name, lack in missing[:8])
-        raise CheckpointError(f"{_origin(source)}: missing tensors for {len(missing)} parameters: {lines}")
+        raise CheckpointError(f"{source.describe()}: missing tensors for {len(missing)} parameters: {lines}")
     used = {k for name in params if name in rules and name not in dict(absent_optional) for k in rules[name].keys}
     unexpected = sorted(k for k in available - used if not ignore(k))
     if unexpected:
         shown = ", ".join(f"{k} (in {source.where(k)})" for k in unexpected[:8])
         raise CheckpointError(f"unexpected tensors not used by {type(model).__name__}: {shown}"
                               + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""))
+    absent = dict(absent_optional)
+    _check_sources(params, {n: r for n, r in rules.items() if n in params and n not in absent}, source)
 
     from tqdm.auto import tqdm
 
     total = sum(p.numel() for p in params.values())
     bar = tqdm(total=total * torch.finfo(dtype).bits // 8, unit="B", unit_scale=True, desc="loading weights",
                disable=(not progress) if progress is not None else (total < 250_000_000 or None))
-    absent = dict(absent_optional)
     for name, p in params.items():
         if name in absent:
             t = torch.empty(p.shape, dtype=dtype, device=device)
@@ -252,7 +337,7 @@ def materialize(
         else:
             rule = rules[name]
             t = rule.build([source.get(k) for k in rule.keys])
-            if tuple(t.shape) != tuple(p.shape):
+            if tuple(t.shape) != tuple(p.shape):  # only rules without ``shapes`` can get here
                 where = ", ".join(f"{k} in {source.where(k)}" for k in rule.keys[:2])
                 raise CheckpointError(
                     f"{where}: shape {tuple(t.shape)} does not fit {name} of shape {tuple(p.shape)}"
@@ -264,6 +349,30 @@ def materialize(
     return [name for name, _ in absent_optional]
 
 
+def _check_sources(params: dict[str, nn.Parameter], rules: dict[str, Rule], source: TensorSource) -> None:
+    """Every source tensor's shape and dtype, from headers, before any data is read: a misfit is
+    named as the checkpoint tensor it is, not as a combined parameter or a crash inside cat/reshape."""
+    problems = []
+    for name, rule in rules.items():
+        expected = rule.shapes
+        if expected is None and rule.combine is None:
+            expected = (tuple(params[name].shape),)
+        for i, key in enumerate(rule.keys):
+            dtype = source.dtype(key)
+            # int/bool tensors would be cast to float silently (quantized weights load elsewhere)
+            if not dtype.is_floating_point:
+                problems.append(f"{key} in {source.where(key)}: dtype {str(dtype).replace('torch.', '')} "
+                                f"cannot be loaded into {name}, which holds floating-point weights")
+            if expected is not None and tuple(source.shape(key)) != tuple(expected[i]):
+                problems.append(f"{key} in {source.where(key)}: shape {tuple(source.shape(key))} does not fit "
+                                f"{name}: expected {tuple(expected[i])}")
+    if len(problems) == 1:
+        raise CheckpointError(problems[0])
+    if problems:
+        shown = "\n  ".join(problems[:8]) + (f"\n  and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise CheckpointError(f"{len(problems)} checkpoint tensors do not fit the model:\n  {shown}")
+
+
 def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     path, _, leaf = name.rpartition(".")
     module = model.get_submodule(path) if path else model
@@ -271,29 +380,87 @@ def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module._parameters[leaf] = nn.Parameter(tensor.contiguous(), requires_grad=old.requires_grad)
 
 
-def _origin(source: TensorSource) -> str:
-    keys = list(source.keys())
-    return source.where(keys[0]) if keys else "checkpoint"
+def check_output_path(dst: Path, sources: Iterable[Path] = (), *, directory: bool = True,
+                      replace: bool = False) -> None:
+    """Refuse, before anything is written, an output path that would destroy an input or is of the
+    wrong kind. A directory ``dst`` must not be a source, lie inside one or contain one (replacing
+    it would delete the very files being read); a file ``dst`` must not be a source (a new file
+    inside a source directory deletes nothing). An existing ``dst`` must be a directory when a
+    directory is written and a file when a file is. With ``replace`` (``write_atomically``'s) an
+    existing directory must be empty or hold a config.json: what does not look like a checkpoint
+    (a home directory given by mistake) is not ours to delete."""
+    real = Path(dst).expanduser().resolve()
+    for src in sources:
+        src = Path(src).expanduser()
+        if not src.exists():  # e.g. a hub id: nothing local to destroy
+            continue
+        s = src.resolve()
+        if real == s or directory and (s in real.parents or real in s.parents):
+            what = "is" if real == s else "lies inside" if s in real.parents else "contains"
+            raise CheckpointError(f"{dst}: the output {what} the source {src}; write to another path")
+    if directory and real.exists() and not real.is_dir():
+        raise CheckpointError(f"{dst}: exists and is not a directory; the output is a checkpoint directory")
+    if not directory and real.is_dir():
+        raise CheckpointError(f"{dst}: is a directory; the output is a single file (e.g. {Path(dst).name}.gguf)")
+    parent = next(p for p in real.parents if p.exists())
+    if not parent.is_dir():
+        raise CheckpointError(f"{dst}: {parent} is a file, so nothing can be written below it")
+    if replace and real.is_dir() and any(real.iterdir()) and not (real / "config.json").exists():
+        raise CheckpointError(f"{dst}: exists, is not empty and holds no config.json; refusing to replace "
+                              "what does not look like a checkpoint (remove it or pick a new path)")
 
 
-def write_atomically(directory: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` into a fresh sibling directory, then move its files into ``directory``.
+def write_atomically(directory: Path, write: Callable[[Path], None], *, replace: bool = False,
+                     sources: Iterable[Path] = ()) -> None:
+    """Run ``write(tmp)`` into a fresh temporary directory, then put its files at ``directory``.
 
-    A crash leaves only the hidden temporary directory behind, never a destination that looks
-    complete; config.json moves last, since loaders look for it first.
+    ``replace=False`` moves the files into ``directory``, keeping the others there (what
+    ``save_pretrained`` does: a tokenizer saved beside the weights survives). config.json moves
+    last, since loaders look for it first.
+
+    ``replace=True`` makes ``directory`` hold exactly what was written: stale files of an earlier
+    checkpoint (a tokenizer.json, a chat template, an old shard set and its index) would otherwise
+    sit beside the new ones and be loaded in their place. The new directory is renamed in and the
+    old one deleted afterwards; if the swap fails the old one is put back.
+
+    ``sources`` are the inputs being read; ``check_output_path`` says what is refused. Either way
+    a crash leaves no destination that looks complete but is not, and no temporary directory
+    survives an exception.
     """
     import shutil
     import tempfile
+    import uuid
 
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory))
+    check_output_path(directory, sources, replace=replace)
+    real = Path(directory).expanduser().resolve()  # through a symlink: replace what it points to
+    real.parent.mkdir(parents=True, exist_ok=True)
+    if not replace:
+        real.mkdir(exist_ok=True)
+    # A sibling (replace) or a child (merge), so the final renames stay on one filesystem.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.tmp-", dir=real.parent if replace else real))
+    old: Path | None = None
     try:
         write(tmp)
-        names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
         umask = os.umask(0)
         os.umask(umask)
-        for n in names:
-            os.chmod(tmp / n, 0o666 & ~umask)  # safetensors creates files private (0600)
-            os.replace(tmp / n, directory / n)
+        for f in tmp.rglob("*"):  # safetensors creates files private (0600), mkdtemp directories 0700
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
+        if not replace:
+            for n in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
+                os.replace(tmp / n, real / n)
+            return
+        os.chmod(tmp, 0o777 & ~umask)
+        if real.exists():
+            old = real.parent / f".{real.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(real, old)
+        try:
+            os.rename(tmp, real)
+        except BaseException:
+            if old is not None:
+                os.rename(old, real)
+                old = None
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

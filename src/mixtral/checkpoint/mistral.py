@@ -61,6 +61,8 @@ class TorchFilesSource(TensorSource):
             if not isinstance(state, dict):
                 raise CheckpointError(f"{f}: expected a dict of tensors, found {type(state).__name__}")
             for k, v in state.items():
+                if not isinstance(v, torch.Tensor):
+                    raise CheckpointError(f"{f}: entry {k!r} is a {type(v).__name__}, not a tensor")
                 if k in self._file_of:
                     raise CheckpointError(f"{f}: tensor {k!r} also appears in {self._file_of[k]}")
                 self._tensors[k], self._file_of[k] = v, f
@@ -74,6 +76,12 @@ class TorchFilesSource(TensorSource):
     def get(self, key: str) -> torch.Tensor:
         return self._tensors[key]
 
+    def shape(self, key: str) -> tuple[int, ...]:  # memory-mapped: metadata only, no data read
+        return tuple(self._tensors[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensors[key].dtype
+
     def where(self, key: str) -> str:
         return str(self._file_of.get(key, "?"))
 
@@ -86,19 +94,41 @@ def _sliding_window(value: Any) -> int | None:
     return int(value)
 
 
+def _moe(params: dict[str, Any], path: Path) -> tuple[Any, Any]:
+    """(experts, top-k) from mistral-inference's ``moe`` section; none (or null) is a dense model.
+    mistral-inference's ``MoeArgs`` has no default for either field, and guessing top-1 for a
+    top-2 model would run it wrongly without a word, so a section lacking one is an error."""
+    moe = params.get("moe")
+    if moe is None:
+        return 1, 1
+    if not isinstance(moe, dict):
+        raise CheckpointError(f"{path}: 'moe' must be an object with num_experts and num_experts_per_tok, "
+                              f"found {moe!r}")
+    for field in ("num_experts", "num_experts_per_tok"):
+        if field not in moe:
+            raise CheckpointError(f"{path}: moe.{field} is missing (mistral-inference requires both "
+                                  "moe.num_experts and moe.num_experts_per_tok)")
+    return moe["num_experts"], moe["num_experts_per_tok"]
+
+
+def _rope_theta(params: dict[str, Any]) -> float:
+    """Absent or null means 1e6, as in mistral-inference (``rope_theta or 1e6``). A 0 is not
+    read as "absent" here: MixtralConfig rejects it, as any theta <= 0."""
+    value = params.get("rope_theta")
+    return 1e6 if value is None else float(value)
+
+
 def config_from_params(params: dict[str, Any], path: Path) -> MixtralConfig:
     """Either ``params.json`` layout -> MixtralConfig; a dense mistral-inference model is 1 expert, top-1."""
     try:
         if "dim" in params:  # mistral-inference
-            moe = params.get("moe") or {}
-            experts = int(moe.get("num_experts", 1))
+            experts, top_k = _moe(params, path)
             kw = dict(
                 hidden_size=params["dim"], num_hidden_layers=params["n_layers"],
                 intermediate_size=params["hidden_dim"], num_attention_heads=params["n_heads"],
                 num_key_value_heads=params.get("n_kv_heads", params["n_heads"]),
                 rms_norm_eps=float(params.get("norm_eps", 1e-5)), vocab_size=params["vocab_size"],
-                rope_theta=float(params.get("rope_theta") or 1e6),
-                num_local_experts=experts, num_experts_per_tok=int(moe.get("num_experts_per_tok", 1)),
+                rope_theta=_rope_theta(params), num_local_experts=experts, num_experts_per_tok=top_k,
                 sliding_window=_sliding_window(params.get("sliding_window")),
                 max_position_embeddings=int(params.get("max_seq_len", 32768)),
             )
@@ -111,7 +141,7 @@ def config_from_params(params: dict[str, Any], path: Path) -> MixtralConfig:
                 "num_local_experts", "num_key_value_heads", "vocab_size")}
             kw.update(
                 rms_norm_eps=float(params.get("rms_norm_eps", 1e-5)),
-                rope_theta=float(params.get("rope_theta", 1e6)),
+                rope_theta=_rope_theta(params),
                 num_experts_per_tok=int(params.get("num_experts_per_tok", 2)),
                 sliding_window=_sliding_window(params.get("sliding_window")),
                 max_position_embeddings=int(params.get("max_position_embeddings", 4096 * 8)),
@@ -120,6 +150,8 @@ def config_from_params(params: dict[str, Any], path: Path) -> MixtralConfig:
             raise CheckpointError(f"{path}: neither the mistral-inference layout (dim, n_layers, ...) nor the "
                                   "HF-style layout (hidden_size, ...) of params.json")
         return MixtralConfig(**kw)
+    except CheckpointError:  # already names the file (and is a ValueError: keep it from the clause below)
+        raise
     except KeyError as e:
         raise CheckpointError(f"{path}: missing field {e.args[0]!r}") from e
     except (TypeError, ValueError) as e:
@@ -143,8 +175,9 @@ def _key(keys: set[str], name: str) -> str:
 
 
 def mistral_rules(config: MixtralConfig, keys: set[str]) -> dict[str, Rule]:
-    nh, nkv, E, I = (config.num_attention_heads, config.num_key_value_heads, config.num_local_experts,
-                     config.intermediate_size)
+    nh, nkv, E, I, H = (config.num_attention_heads, config.num_key_value_heads, config.num_local_experts,
+                        config.intermediate_size, config.hidden_size)
+    q, kv = (nh * config.dim_per_head, H), (nkv * config.dim_per_head, H)
     rules = {
         "model.embed_tokens.weight": Rule(("tok_embeddings.weight",)),
         "model.norm.weight": Rule(("norm.weight",)),
@@ -157,6 +190,7 @@ def mistral_rules(config: MixtralConfig, keys: set[str]) -> dict[str, Rule]:
         rules[p + "self_attn.qkv_proj.weight"] = Rule(
             (r + "attention.wq.weight", r + "attention.wk.weight", r + "attention.wv.weight"),
             lambda ts: torch.cat([interleaved_to_half(ts[0], nh), interleaved_to_half(ts[1], nkv), ts[2]]),
+            (q, kv, kv),
         )
         rules[p + "self_attn.o_proj.weight"] = Rule((r + "attention.wo.weight",))
         moe, ff = r + "block_sparse_moe.", r + "feed_forward."
@@ -164,20 +198,19 @@ def mistral_rules(config: MixtralConfig, keys: set[str]) -> dict[str, Rule]:
             rules[p + "mlp.gate.weight"] = Rule((moe + "gate.weight",))
             rules[p + "mlp.experts.gate_up_proj"] = Rule(
                 (_key(keys, moe + "w1"), _key(keys, moe + "w3")),
-                lambda ts: torch.cat([ts[0].reshape(E, I, -1), ts[1].reshape(E, I, -1)], dim=1))
+                lambda ts: torch.cat([ts[0].reshape(E, I, H), ts[1].reshape(E, I, H)], dim=1), ((E * I, H),) * 2)
             rules[p + "mlp.experts.down_proj"] = Rule(
-                (_key(keys, moe + "w2"),), lambda ts: ts[0].reshape(E, I, -1).transpose(1, 2))
+                (_key(keys, moe + "w2"),), lambda ts: ts[0].reshape(E, I, H).transpose(1, 2), ((E * I, H),))
         elif ff + "experts.0.w1.weight" in keys:  # mistral-inference MoE
             rules[p + "mlp.gate.weight"] = Rule((ff + "gate.weight",))
             rules[p + "mlp.experts.gate_up_proj"] = Rule(
                 tuple(f"{ff}experts.{e}.w1.weight" for e in range(E))
                 + tuple(f"{ff}experts.{e}.w3.weight" for e in range(E)),
-                lambda ts: torch.stack([torch.cat([a, b]) for a, b in zip(ts[:E], ts[E:])]))
+                lambda ts: torch.stack([torch.cat([a, b]) for a, b in zip(ts[:E], ts[E:])]), ((I, H),) * (2 * E))
             rules[p + "mlp.experts.down_proj"] = Rule(
-                tuple(f"{ff}experts.{e}.w2.weight" for e in range(E)), torch.stack)
+                tuple(f"{ff}experts.{e}.w2.weight" for e in range(E)), torch.stack, ((H, I),) * E)
         else:  # dense mistral-inference
-            rules.update(dense_as_one_expert(p, ff + "w1.weight", ff + "w3.weight", ff + "w2.weight",
-                                             config.hidden_size))
+            rules.update(dense_as_one_expert(p, ff + "w1.weight", ff + "w3.weight", ff + "w2.weight", H, I))
     return rules
 
 
@@ -193,7 +226,7 @@ def read_mistral(directory: Path) -> tuple[MixtralConfig, TensorSource, dict[str
     if "output.weight" not in keys:
         config.tie_word_embeddings = True
     if "tok_embeddings.weight" in keys:  # releases are bf16: keep that dtype when converting
-        config.torch_dtype = str(source.get("tok_embeddings.weight").dtype).replace("torch.", "")
+        config.torch_dtype = str(source.dtype("tok_embeddings.weight")).replace("torch.", "")
     return config, source, mistral_rules(config, keys)
 
 
@@ -230,6 +263,6 @@ def run_convert(args) -> int:
 
             Tokenizer.from_pretrained(tmp).save_pretrained(tmp)
 
-    write_atomically(dst, write)
+    write_atomically(dst, write, replace=True, sources=[src])  # no stale files of an earlier checkpoint
     print(f"wrote {dst} ({model.num_parameters() / 1e6:.1f}M parameters)")
     return 0

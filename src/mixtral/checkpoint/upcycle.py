@@ -69,7 +69,7 @@ def dense_hf_rules(config: MixtralConfig, keys: set[str]) -> dict[str, Rule]:
         p = f"model.layers.{i}."
         mlp = p + "mlp."
         rules.update(dense_as_one_expert(p, mlp + "gate_proj.weight", mlp + "up_proj.weight",
-                                         mlp + "down_proj.weight", config.hidden_size))
+                                         mlp + "down_proj.weight", config.hidden_size, config.intermediate_size))
     return rules
 
 
@@ -117,7 +117,7 @@ def upcycle_rules(
                 many += noise * torch.randn(many.shape, generator=_seeded(seed, layer, which))
             return many
 
-        return Rule(rule.keys, combine)
+        return dataclasses.replace(rule, combine=combine)  # keeps the source shapes to check
 
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}.mlp."
@@ -166,8 +166,10 @@ def dense_tokenizer(path: Path):
         return None
 
 
-def save_upcycled(model, tokenizer, dst: Path, max_shard_size: int | str = "5GB") -> None:
-    """Checkpoint and tokenizer into ``dst``, all or nothing (config.json lands last)."""
+def save_upcycled(model, tokenizer, dst: Path, max_shard_size: int | str = "5GB", source: Path | None = None) -> None:
+    """Checkpoint and tokenizer into ``dst``, all or nothing; ``dst`` ends up holding exactly these
+    files (no stale ones of an earlier checkpoint), and is refused when it is ``source`` or lies
+    inside it."""
     from .loading import write_atomically
 
     def write(tmp: Path) -> None:
@@ -175,7 +177,7 @@ def save_upcycled(model, tokenizer, dst: Path, max_shard_size: int | str = "5GB"
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    write_atomically(Path(dst), write)
+    write_atomically(Path(dst), write, replace=True, sources=[source] if source is not None else [])
 
 
 def run_upcycle(args) -> int:
@@ -187,7 +189,7 @@ def run_upcycle(args) -> int:
     tokenizer = dense_tokenizer(src)
     if tokenizer is None:
         print(f"warning: {src}: no tokenizer found; the upcycled checkpoint has none")
-    save_upcycled(model, tokenizer, Path(args.dst))
+    save_upcycled(model, tokenizer, Path(args.dst), source=src)
     print(f"wrote {args.dst}: {args.experts} experts (top-{args.top_k}), "
           f"{model.num_parameters() / 1e6:.1f}M parameters, noise std {args.noise}, seed {args.seed}")
     return 0

@@ -9,8 +9,9 @@ Formats (activations stay fp32; only weights are stored in fewer bits):
   [32p, 32p + 32) of a row hold block 2p (inputs 64p + j) in their low nibbles and block 2p + 1
   (inputs 64p + 32 + j) in their high nibbles, so one 32-byte load and two masks unpack 64
   weights; when K / 32 is odd, the last block stands alone, byte j holding its inputs j (low) and
-  j + 16 (high). G is a multiple of 32 dividing the input size; a requested G that does not divide
-  it is lowered to the largest multiple of 32 that does (576 inputs with G=128 -> G=96).
+  j + 16 (high). G is a multiple of 32 dividing the input size; ``quantize_model`` uses one G for
+  the whole model, the requested one lowered to the largest multiple of 32 dividing every quantized
+  input size (576 inputs with G=128 -> G=96), and records that G in ``quantization_config``.
   Layout version 2; version 1 (fp32 scales and mins, every block packed alone like the odd last
   block) is converted when loaded.
 
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -291,6 +293,11 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32, lm_head: b
         raise ValueError(f"quantization mode must be one of {MODES}, got {mode!r}")
     from ..moe import Experts
 
+    held = next((m for m in model.modules() if isinstance(m, QuantizedTensor)), None)
+    if held is not None:  # its weights are rounded already, and a config block would misdescribe them
+        raise ValueError(f"the model is already quantized (int{held.bits}); quantize from the float checkpoint")
+    if mode == "int4":
+        group_size = model_group_size(model, group_size)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and (name.endswith(("qkv_proj", "o_proj"))
                                               or (lm_head and name == "lm_head")):
@@ -302,14 +309,34 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32, lm_head: b
             setattr(parent, leaf, QuantLinear(QuantizedTensor.quantize(w, head_mode, group_size)))
         elif isinstance(module, Experts):
             parent, leaf = _parent(model, name)
-            # One group size for both stacks (the kernel's contract): one dividing H and I.
-            g = int4_group_size(math.gcd(*module.down_proj.shape[1:]), group_size) if mode == "int4" else 0
-            gu = QuantizedTensor.quantize(module.gate_up_proj.detach(), mode, g)
-            dn = QuantizedTensor.quantize(module.down_proj.detach(), mode, g)
+            gu = QuantizedTensor.quantize(module.gate_up_proj.detach(), mode, group_size)
+            dn = QuantizedTensor.quantize(module.down_proj.detach(), mode, group_size)
             setattr(parent, leaf, QuantExperts(gu, dn, module.act))
     model.quantization_config = quantization_config(mode, group_size, lm_head, activations)
     set_activations(model, activations)
     return model
+
+
+def model_group_size(model: nn.Module, requested: int) -> int:
+    """The one int4 group size ``quantize_model`` uses for ``model``: the largest multiple of 32 up
+    to ``requested`` that divides the input size of every weight going to int4 (the output head
+    goes to int8). One size for all keeps the recorded ``group_size`` true for every tensor, and
+    the expert kernels need one for gate_up_proj and down_proj anyway."""
+    from ..moe import Experts
+
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 32 or requested % 32:
+        raise ValueError(f"int4 group_size must be a positive multiple of 32 (32, 64, 128, ...), got {requested!r}")
+    sizes: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.endswith(("qkv_proj", "o_proj")):
+            sizes[name] = module.weight.shape[-1]
+        elif isinstance(module, Experts):
+            sizes[name + ".gate_up_proj"] = module.gate_up_proj.shape[-1]
+            sizes[name + ".down_proj"] = module.down_proj.shape[-1]
+    for name, K in sizes.items():
+        if K % 32:
+            raise ValueError(f"int4 needs input sizes that are multiples of 32: {name} has {K}")
+    return int4_group_size(math.gcd(*sizes.values()), requested) if sizes else requested
 
 
 ACTIVATIONS = ("int8", "fp32")
@@ -331,16 +358,41 @@ def quantization_config(mode: str, group_size: int, lm_head: bool, activations: 
 
 
 def run_quantize(args) -> int:
-    """``mixtral quantize SRC DST --int8|--int4 [--group-size G]``."""
-    from pathlib import Path
+    """``mixtral quantize SRC DST --int8|--int4 [--group-size G]``: DST is replaced whole."""
+    import sys
 
+    from ..checkpoint import resolve_path
+    from ..checkpoint.loading import CheckpointError, check_output_path, read_json
     from ..model import MixtralForCausalLM
     from .checkpoint import save_quantized
 
     mode = "int8" if args.int8 else "int4"
-    model = MixtralForCausalLM.from_pretrained(args.src, dtype=torch.float32)
-    quantize_model(model, mode, args.group_size, lm_head=bool(getattr(args, "lm_head", False)),
-                   activations=getattr(args, "activations", "int8"))
-    save_quantized(model, Path(args.dst), copy_from=Path(args.src))
-    print(f"wrote {mode} checkpoint to {args.dst}")
+    group_size = getattr(args, "group_size", None)
+    if mode == "int8" and group_size is not None:
+        raise ValueError("--group-size applies to --int4 only (int8 has one scale per output row)")
+    src, dst = resolve_path(args.src), Path(args.dst)
+    check_output_path(dst, [src], replace=True)  # before the load, which can take minutes
+    if src.is_dir() and (src / "config.json").exists():
+        qconfig = read_json(src / "config.json").get("quantization_config")
+        if qconfig is not None:  # rounding rounded weights again only loses more, and the bits would mix
+            raise CheckpointError(f"{src}: already quantized ({qconfig.get('bits')} bits); quantize from the "
+                                  "float checkpoint it was made from")
+    tokenizer = None
+    if src.is_file():  # a GGUF file carries its tokenizer in its metadata
+        from ..checkpoint.gguf import tokenizer_from_gguf
+
+        try:
+            tokenizer = tokenizer_from_gguf(src)
+        except CheckpointError as e:
+            print(f"warning: {e}; the quantized checkpoint has no tokenizer", file=sys.stderr)
+    elif not any(src.glob("tokenizer*")):
+        print(f"warning: {src}: no tokenizer files found; the quantized checkpoint has no tokenizer",
+              file=sys.stderr)
+    model = MixtralForCausalLM.from_pretrained(src, dtype=torch.float32)
+    quantize_model(model, mode, 32 if group_size is None else group_size,
+                   lm_head=bool(getattr(args, "lm_head", False)), activations=getattr(args, "activations", "int8"))
+    save_quantized(model, dst, copy_from=src if src.is_dir() else None, tokenizer=tokenizer, replace=True,
+                   sources=[src])
+    g = model.quantization_config["group_size"]
+    print(f"wrote {mode} checkpoint to {dst}" + (f" (group size {g})" if g else ""))
     return 0

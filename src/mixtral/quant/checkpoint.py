@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -58,6 +59,7 @@ def prepare(model: nn.Module, rules: QuantizedRules, source: TensorSource, devic
     prefix = "" if type(model).__name__ == "MixtralModel" else None
     bits = rules.qconfig["bits"]
     consumed: set[str] = set()
+    groups: set[int] = set()  # int4 group sizes as stored (each tensor's is its K / scales columns)
     for name in rules.quantized:
         local = name[len("model."):] if prefix == "" and name.startswith("model.") else name
         tensors = {}
@@ -79,6 +81,7 @@ def prepare(model: nn.Module, rules: QuantizedRules, source: TensorSource, devic
             except (RuntimeError, ValueError) as e:
                 raise CheckpointError(f"{source.where(name + '.qweight')}: bad int4 tensors for {name}: {e}") from e
             qt = QuantizedTensor(4, q, scales, mins)
+            groups.add(qt.group_size)
         else:
             qt = QuantizedTensor(8, tensors[".qweight"], tensors[".scales"])
         module_name, _, leaf = local.rpartition(".")  # e.g. (...self_attn.qkv_proj, weight)
@@ -94,7 +97,10 @@ def prepare(model: nn.Module, rules: QuantizedRules, source: TensorSource, devic
                 experts._pending = pending
         else:
             raise CheckpointError(f"{source.where(name + '.qweight')}: don't know how to load quantized {name}")
-    model.quantization_config = {**rules.qconfig, "version": LAYOUT_VERSION}  # what it holds now
+    # What it holds now. The group size is read off the tensors: older versions recorded the
+    # requested size even where a smaller one was used, and a re-save must not repeat that.
+    model.quantization_config = {**rules.qconfig, "version": LAYOUT_VERSION,
+                                 "group_size": groups.pop() if len(groups) == 1 else None}
     set_activations(model, rules.qconfig.get("activations", "int8"))
     return consumed
 
@@ -140,8 +146,12 @@ def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_quantized(model: nn.Module, directory: Path, copy_from: Path | None = None) -> None:
-    """Write config.json (with ``quantization_config``) and model.safetensors; copy tokenizer files."""
+def save_quantized(model: nn.Module, directory: Path, copy_from: Path | None = None, *, tokenizer=None,
+                   replace: bool = False, sources: Iterable[Path] = ()) -> None:
+    """Write config.json (with ``quantization_config``) and model.safetensors, plus the tokenizer:
+    ``tokenizer`` (e.g. one read from a GGUF) saved, or the tokenizer files of ``copy_from`` copied.
+    ``replace`` and ``sources`` are ``write_atomically``'s: the quantize command replaces its
+    destination whole; ``save_pretrained`` adds to it, as for float models."""
     from safetensors.torch import save_file
 
     tensors = {k: v.contiguous().clone() for k, v in quantized_state(model).items()}
@@ -154,11 +164,20 @@ def save_quantized(model: nn.Module, directory: Path, copy_from: Path | None = N
         cfg["quantization_config"] = qconfig
         cfg["torch_dtype"] = "float32"
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        if copy_from is not None and copy_from.is_dir():
+        if getattr(model, "generation_config", None) is not None:  # the model's, as save_pretrained writes it
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        elif copy_from is not None and copy_from.is_dir():
             for f in copy_from.iterdir():
                 if f.is_file() and (f.name.startswith("tokenizer") or f.name in (
-                        "special_tokens_map.json", "generation_config.json", "chat_template.jinja")):
+                        "special_tokens_map.json", "chat_template.jinja")):
                     shutil.copy(f, tmp / f.name)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
-    write_atomically(Path(directory), write)
+    directory = Path(directory)
+    stale = set() if replace else set(directory.glob("model-*.safetensors")) | set(
+        directory.glob("model.safetensors.index.json"))
+    write_atomically(directory, write, replace=replace, sources=sources)
+    for f in stale:  # an index left by an earlier sharded save would be loaded instead of the new file
+        f.unlink(missing_ok=True)

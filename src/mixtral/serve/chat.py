@@ -37,13 +37,13 @@ def chat_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     first user turn, which is what Mistral's own tooling does.
     """
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     except ValueError:
         if not messages or messages[0]["role"] != "system" or len(messages) < 2:
             raise
         system, first, rest = messages[0], messages[1], messages[2:]
         merged = {"role": first["role"], "content": system["content"] + "\n\n" + first["content"]}
-        return tokenizer.apply_chat_template([merged, *rest], add_generation_prompt=True)
+        return tokenizer.apply_chat_template([merged, *rest], add_generation_prompt=True, return_dict=False)
 
 
 def fit_context(tokenizer, messages: list[dict[str, str]], budget: int) -> list[int]:

@@ -8,8 +8,9 @@ any length can come and go without copying anyone else's keys. A step of the loo
    sampled, and it joins the batch;
 3. one batched forward decodes a token for every active request through ``RaggedDecodeView``, which
    presents the list of per-request caches to the model as one cache of B rows;
-4. each row samples with its own settings and generator, detokenizes, checks EOS / stop strings /
-   length, and streams its new text out; finished requests leave the batch at once.
+4. each row applies its frequency/presence penalties (rows without any skip this), samples with
+   its own settings and generator, detokenizes, checks EOS / stop strings / length, and streams its
+   new text out; finished requests leave the batch at once.
 
 The model is only ever called from the engine thread. Requests come in through a thread-safe queue
 and results go out through each request's ``emit`` callback (the server wraps an asyncio queue).
@@ -63,6 +64,10 @@ class Request:
     stop: Sequence[str] = ()
     emit: Callable[[Event], None] = lambda event: None
     cancelled: bool = False  # set from any thread; the engine drops the request at its next step
+    # OpenAI's penalties: logit -= frequency * count + presence * (count > 0), counting the tokens
+    # generated so far (not the prompt's, as vLLM does).
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -114,6 +119,7 @@ class _Active:
     detok: Detokenizer
     last_token: int = -1
     generated: int = 0
+    counts: torch.Tensor | None = None  # (V,) fp32 times each token was generated; only with penalties
 
 
 class Engine:
@@ -122,6 +128,8 @@ class Engine:
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_context: int | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_context is not None and max_context < 2:  # one prompt token and one generated
+            raise ValueError(f"max_context must be >= 2 tokens, got {max_context}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -211,6 +219,8 @@ class Engine:
             else:
                 generator.seed()
         active = _Active(request, cache, generator, Detokenizer(self.tokenizer, request.stop))
+        if request.frequency_penalty or request.presence_penalty:
+            active.counts = torch.zeros(model.config.vocab_size, dtype=torch.float32, device=model.device)
         ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=model.device)
         logits = prefill(model, ids, None, cache)
         token = int(next_token(logits, request.params, None, generator)[0])
@@ -224,6 +234,7 @@ class Engine:
         tokens = torch.tensor([a.last_token for a in batch], dtype=torch.long, device=self.model.device)
         try:
             logits = decode_step(self.model, tokens, None, RaggedDecodeView([a.cache for a in batch]))
+            logits = _penalize(logits, batch)
             greedy = logits.argmax(dim=-1).tolist()
             chosen = [g if not a.request.params.do_sample else
                       int(next_token(logits[i : i + 1], a.request.params, None, a.generator)[0])
@@ -240,6 +251,8 @@ class Engine:
         """Account one sampled token; emit its text; returns whether the request goes on."""
         a.generated += 1
         a.last_token = token
+        if a.counts is not None:
+            a.counts[token] += 1
         request = a.request
         if token in self.eos_ids:
             return self._finish(a, "stop")
@@ -257,6 +270,19 @@ class Engine:
             _send(a.request, Delta(rest))
         _send(a.request, Finished(reason, len(a.request.prompt_ids), a.generated))
         return False
+
+
+def _penalize(logits: torch.Tensor, batch: Sequence[_Active]) -> torch.Tensor:
+    """(B, V) logits with each row's frequency/presence penalties applied; the same tensor, untouched,
+    when no row has any (the common case costs one Python loop over the batch)."""
+    rows = [i for i, a in enumerate(batch) if a.counts is not None]
+    if not rows:
+        return logits
+    logits = logits.to(torch.float32, copy=True)  # the model's output buffer may be reused next step
+    for i in rows:
+        a = batch[i]
+        logits[i] -= a.request.frequency_penalty * a.counts + a.request.presence_penalty * (a.counts > 0)
+    return logits
 
 
 def _send(request: Request, event: Event) -> None:

@@ -32,6 +32,10 @@ SHUTDOWN_GRACE_S = 10.0  # on SIGINT/SIGTERM, in-flight requests get this long t
 
 
 # -- request bodies: the fields OpenAI clients send; unknown fields are ignored, as OpenAI does -------
+# torch.Generator.manual_seed takes 64 bits, signed or not; a larger seed would be a 500, not a 400.
+SEED_RANGE = dict(ge=-(2**63), le=2**64 - 1)
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -44,10 +48,25 @@ class _Body(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, **SEED_RANGE)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    # OpenAI fields this server does not implement, declared so that a value other than the
+    # default can be refused (see ``unsupported``) instead of answered as if it had been honoured.
+    logprobs: Any = None
+    logit_bias: Any = None
+
+    def unsupported(self) -> str | None:
+        """The first field asking for something this server does not do, or None."""
+        return next((name for name, honoured in self._defaults().items() if not honoured), None)
+
+    def _defaults(self) -> dict[str, bool]:
+        """Each unimplemented field: whether its value is one this server honours by ignoring it."""
+        # (``is False``: the completions API's logprobs=0 still asks for the sampled tokens' logprobs)
+        return {"logprobs": self.logprobs is None or self.logprobs is False, "logit_bias": not self.logit_bias}
 
 
 class TextPart(BaseModel):
@@ -70,10 +89,30 @@ class Message(BaseModel):
 class ChatBody(_Body):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None  # the newer name for max_tokens
+    top_logprobs: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None  # the older names of tools and tool_choice
+    function_call: Any = None
+
+    def _defaults(self) -> dict[str, bool]:
+        fmt = self.response_format
+        return {**super()._defaults(), "top_logprobs": self.top_logprobs in (None, 0),
+                "response_format": fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text"),
+                "tools": not self.tools, "tool_choice": self.tool_choice in (None, "none"),
+                "functions": not self.functions, "function_call": self.function_call in (None, "none")}
 
 
 class CompletionBody(_Body):
     prompt: str | list[str] | list[int]
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def _defaults(self) -> dict[str, bool]:
+        return {**super()._defaults(), "echo": not self.echo, "suffix": self.suffix is None,
+                "best_of": self.best_of in (None, 1)}
 
 
 class APIError(Exception):
@@ -139,7 +178,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         try:
-            prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -168,6 +207,10 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                            param="model", code="model_not_found")
         if body.n != 1:
             raise APIError(400, "only n=1 is supported", param="n")
+        field = body.unsupported()
+        if field is not None:
+            raise APIError(400, f"'{field}' is not supported by this server; leave it out or at its default",
+                           param=field, code="unsupported_parameter")
 
     return app
 
@@ -192,7 +235,9 @@ async def _complete(engine: Engine, body: _Body, http: Request, prompt_ids: list
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
     req = EngineRequest(prompt_ids, max_tokens or limit - n, params, body.seed, stop,
-                        emit=lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+                        emit=lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
+                        frequency_penalty=body.frequency_penalty or 0.0,
+                        presence_penalty=body.presence_penalty or 0.0)
     try:
         engine.submit(req)
     except RuntimeError as e:
