@@ -227,3 +227,63 @@ def test_attention_mask_longer_than_the_tokens_is_refused():
         step = m(torch.tensor([[6]]), attention_mask=torch.ones(1, 4, dtype=torch.long),
                  past_key_values=out.past_key_values)  # past + new columns: fine
     assert step.logits.shape == (1, 1, TINY["vocab_size"])
+
+
+# -- caches and logits ---------------------------------------------------------------------------
+def test_transformers_dynamic_cache_and_legacy_tuples_with_left_padding():
+    """A prompt prefilled by transformers (its DynamicCache, or those tensors as legacy tuples)
+    continues in ours: the next step's logits match transformers' own, padding included."""
+    from transformers import DynamicCache
+
+    hm, m = hf_pair(pad_token_id=0)
+    ids = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    nxt, step_mask = torch.tensor([[8], [9]]), torch.ones(2, 6, dtype=torch.long)
+    step_mask[0, :2] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        hf_cache = DynamicCache()
+        hm(ids, attention_mask=mask, position_ids=pos, past_key_values=hf_cache, use_cache=True)
+        legacy = tuple((layer.keys.clone(), layer.values.clone()) for layer in hf_cache.layers)
+        ours_dyn = m(nxt, attention_mask=step_mask, past_key_values=hf_cache).logits
+        ours_legacy = m(nxt, attention_mask=step_mask, past_key_values=legacy).logits
+        ref = hm(nxt, attention_mask=step_mask, position_ids=pos[:, -1:] + 1, past_key_values=hf_cache).logits
+        assert m(ids[:1, :3], past_key_values=DynamicCache()).past_key_values.seen == 3  # an empty one: fresh
+    torch.testing.assert_close(ours_dyn, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours_legacy, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_cache_crop_and_legacy_round_trip():
+    _, m = hf_pair()
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        full = m(ids, use_cache=True).past_key_values
+        legacy = full.to_legacy_cache()
+        assert len(legacy) == TINY["num_hidden_layers"] and legacy[0][0].shape[2] == 6
+        cache = m(ids[:, :4], use_cache=True).past_key_values
+        m(torch.tensor([[9, 9]]), past_key_values=cache)  # two rejected "draft" tokens
+        cache.crop(-2)
+        assert cache.get_seq_length() == 4
+        stepped = m(ids[:, 4:], past_key_values=cache).logits
+        ref = m(ids).logits[:, 4:]
+    torch.testing.assert_close(stepped, ref, atol=1e-5, rtol=1e-5)
+    for k, v in legacy:  # the first 4 positions are the ones the cropped cache kept
+        assert k.shape[2] == v.shape[2] == 6
+    torch.testing.assert_close(cache.to_legacy_cache()[0][0][:, :, :4], legacy[0][0][:, :, :4])
+    _, windowed = hf_pair(sliding_window=3)
+    with torch.no_grad():
+        rolled = windowed(ids, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="cannot be rolled back"):
+        rolled.crop(2)
+    with pytest.raises(ValueError, match="no longer holds"):
+        rolled.to_legacy_cache()
+
+
+def test_logits_to_keep_as_positions_like_transformers():
+    hm, m = hf_pair()
+    ids, _ = ids_and_labels()
+    keep = torch.tensor([0, 4, 8])
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids, logits_to_keep=keep).logits, hm(ids, logits_to_keep=keep).logits,
+                                   atol=1e-4, rtol=1e-4)
+        assert m(ids, logits_to_keep=2).logits.shape[1] == 2

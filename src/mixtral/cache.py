@@ -225,6 +225,34 @@ class KVCache:
         self.row_positions = self.row_positions[rows]
         self.batch_size = int(rows.numel())
 
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` tokens (negative: drop that many from the end), as
+        transformers' ``DynamicCache.crop``, e.g. to take back rejected speculative tokens."""
+        if max_length < 0:
+            max_length = self.seen + max_length
+        if max_length >= self.seen:
+            return
+        if max_length < 0:
+            raise ValueError(f"crop: cannot drop more than the {self.seen} tokens held")
+        if self.window is not None and self.seen > self.window:
+            raise ValueError(f"crop: this rolling cache ({self.window} slots) has overwritten its oldest "
+                             f"tokens already ({self.seen} seen), so it cannot be rolled back")
+        self.slot_index[max_length : self.seen] = -1
+        self.slot_valid[:, max_length : self.seen] = False
+        self.seen = max_length
+        self.row_positions = self.slot_valid[:, :max_length].sum(dim=1)
+        self._has_padding = not bool(self.slot_valid[:, :max_length].all())
+
+    def to_legacy_cache(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """transformers' legacy format: per layer (keys, values) of shape (B, n_kv, seen, hd), in
+        token order. A rolling cache that has wrapped holds its slots out of order, and the
+        tuples cannot say which tokens are gone, so it is refused."""
+        if self.window is not None and self.seen > self.window:
+            raise ValueError(f"to_legacy_cache: this rolling cache ({self.window} slots) no longer holds its "
+                             f"first {self.seen - self.window} tokens; the legacy format cannot describe that")
+        n = self.seen
+        return tuple((k[:, :, :n], v[:, :, :n]) for k, v in zip(self.k, self.v))
+
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 

@@ -632,7 +632,10 @@ class MixtralModel(MixtralPreTrainedModel):
             bool(output_router_logits if output_router_logits is not None else config.output_router_logits),
             bool(output_hidden_states if output_hidden_states is not None else config.output_hidden_states),
         )
-        past_key_values = to_kv_cache(past_key_values, self, B)
+        past_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] > T:
+            past_mask = attention_mask[:, :-T]
+        past_key_values = to_kv_cache(past_key_values, self, B, past_mask)
         if use_cache and past_key_values is None:
             past_key_values = KVCache.for_model(config, B, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
 
@@ -790,10 +793,20 @@ def derive_position_ids(valid: torch.Tensor | None, row_start: torch.Tensor, T: 
     return pos.masked_fill(~valid, 1).clamp_(min=0)
 
 
-def to_kv_cache(past: Any, model: MixtralModel, batch: int) -> KVCache | None:
-    """Accept our KVCache, or the legacy tuple-of-(k, v)-per-layer format transformers used."""
+def to_kv_cache(past: Any, model: MixtralModel, batch: int, past_mask: torch.Tensor | None = None
+                ) -> KVCache | None:
+    """Accept our KVCache, the legacy tuple-of-(k, v)-per-layer format transformers used, or a
+    transformers ``DynamicCache`` (read through its layers' ``keys``/``values``; the returned cache
+    is a new ``KVCache``, which the output's ``past_key_values`` carries on)."""
     if past is None or isinstance(past, KVCache) or hasattr(past, "begin"):
         return past  # our cache, or any object with its begin/update/end protocol (e.g. the server's)
+    if hasattr(past, "layers") and hasattr(past, "get_seq_length"):  # a transformers Cache object
+        if past.get_seq_length() == 0:
+            return None  # DynamicCache() passed to start: ours is made fresh
+        if getattr(past, "is_sliding", None) and any(past.is_sliding):
+            raise TypeError("past_key_values: a transformers sliding-window cache cannot be converted; "
+                            "pass a mixtral KVCache")
+        past = tuple((layer.keys, layer.values) for layer in past.layers)
     if isinstance(past, (tuple, list)) and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in past):
         if len(past) != model.config.num_hidden_layers:
             raise ValueError(f"past_key_values has {len(past)} layers, the model {model.config.num_hidden_layers}")
@@ -802,7 +815,11 @@ def to_kv_cache(past: Any, model: MixtralModel, batch: int) -> KVCache | None:
         n = k0.shape[2]
         if cache.window is not None and n > cache.window:
             raise ValueError("legacy past_key_values longer than the sliding window cannot be converted")
-        valid = torch.ones(batch, n, dtype=torch.bool, device=k0.device)
+        # The tuples carry no padding: the attention mask's past columns say which held keys are real.
+        if past_mask is not None and past_mask.shape == (batch, n):
+            valid = past_mask.to(device=k0.device).bool()
+        else:
+            valid = torch.ones(batch, n, dtype=torch.bool, device=k0.device)
         cache.begin(valid, n)
         for i, (k, v) in enumerate(past):
             cache.update(i, k, v)
@@ -854,7 +871,7 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
         cache: KVCache | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> MoeCausalLMOutputWithPast | tuple:
         want_router = output_router_logits if output_router_logits is not None else self.config.output_router_logits
@@ -865,7 +882,9 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
             output_router_logits=want_router, return_dict=True,
         )
         h = out.last_hidden_state
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):  # transformers: the positions to keep
+            h = h[:, logits_to_keep.to(h.device)]
+        elif logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = project(self.lm_head, h)
         loss = causal_lm_loss(logits, labels, kwargs.get("num_items_in_batch")) if labels is not None else None
