@@ -64,11 +64,16 @@ def client(server):
 
 
 def reference(loaded, prompt_ids: list[int], max_tokens: int) -> tuple[str, str, int]:
-    """Greedy text, finish reason and token count from ``generate`` (batch 1, no server)."""
+    """Greedy text, finish reason and token count from ``generate`` (batch 1, no server). The text is
+    what the completion adds to the prompt's text; after a special token (a chat prompt's [/INST])
+    it is the completion decoded alone."""
     model, tok = loaded
     out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens)[0, len(prompt_ids):].tolist()
     reason = "stop" if out[-1] == tok.eos_token_id else "length"
-    return tok.decode(out, skip_special_tokens=True), reason, len(out)
+    if prompt_ids[-1] in tok.all_special_ids:
+        return tok.decode(out, skip_special_tokens=True), reason, len(out)
+    head = tok.decode(prompt_ids, skip_special_tokens=True)
+    return tok.decode(prompt_ids + out, skip_special_tokens=True)[len(head):], reason, len(out)
 
 
 def chat_ids(loaded, text: str) -> list[int]:
@@ -108,6 +113,21 @@ def test_detokenizer_holds_back_possible_stop_strings(loaded):
     assert "".join(pieces) == "the cat sat on"
 
 
+def test_detokenizer_keeps_the_space_sentencepiece_strips(tmp_path):
+    """Mixtral's decoder strips the first token's leading space; decoded after the prompt's last
+    tokens, a completion is exactly what it adds to the prompt's text (before: "jumps", not " jumps")."""
+    from test_tokenizer import mixtral_tokenizer_json
+
+    tok = Tokenizer.from_pretrained(mixtral_tokenizer_json(tmp_path / "tok"))
+    full = tok.encode("The quick brown fox jumps over the lazy dog.")
+    for k in (2, 4, 7):
+        d = Detokenizer(tok, [], full[:k])
+        text = "".join(d.add(t)[0] for t in full[k:]) + d.flush()
+        assert text == tok.decode(full, skip_special_tokens=True)[len(tok.decode(full[:k], skip_special_tokens=True)):]
+    k = next(k for k in range(2, len(full)) if tok.convert_ids_to_tokens(full[k]).startswith("▁"))
+    assert Detokenizer(tok, [], full[:k]).add(full[k])[0].startswith(" ")
+
+
 def test_seeded_sampling_is_reproducible_beside_others(server, loaded):
     engine = server[1]
     ids = chat_ids(loaded, "hello")
@@ -138,7 +158,8 @@ def test_frequency_and_presence_penalties_follow_openai(server, loaded):
     plain, penalized = run_to_completion(engine, [
         Request(ids, n), Request(ids, n, frequency_penalty=fp, presence_penalty=pp)])
     text, final = wait_all(penalized)
-    assert final.completion_tokens == len(out) and text == tok.decode(out, skip_special_tokens=True)
+    after_prompt = tok.decode(ids + out, skip_special_tokens=True)[len(tok.decode(ids, skip_special_tokens=True)):]
+    assert final.completion_tokens == len(out) and text == after_prompt
     assert wait_all(plain)[0] == reference(loaded, ids, n)[0] != text  # the penalty changed something
 
 
@@ -226,6 +247,12 @@ def test_eight_concurrent_greedy_requests_match_alone(client, server, loaded):
     ({"model": MODEL, "messages": "hello"}, 400, "messages"),  # a field of the wrong type
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
+    # before: param "max_tokens", a field the client did not send
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, 400,
+     "max_completion_tokens"),
+    # before: param "messages.0.content.str", the name of a pydantic union member
+    ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n"),
     ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "the " * 1100}]}, 400, "messages"),
     # before: HTTP 500 "Overflow when unpacking long long" (from torch.Generator.manual_seed)
@@ -256,7 +283,8 @@ def test_unsupported_options_are_refused_and_defaults_accepted(server):
     for body, param in (({**chat, "top_logprobs": 3}, "top_logprobs"),
                         ({**chat, "logit_bias": {"5": 10}}, "logit_bias"),
                         ({"model": MODEL, "prompt": "hi", "logprobs": 0}, "logprobs"),
-                        ({"model": MODEL, "prompt": "hi", "echo": True}, "echo")):
+                        ({"model": MODEL, "prompt": "hi", "suffix": " end"}, "suffix"),
+                        ({"model": MODEL, "prompt": "hi", "best_of": 3}, "best_of")):
         url = server[0] + ("/v1/chat/completions" if "messages" in body else "/v1/completions")
         r = httpx.post(url, json=body, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, body
@@ -272,6 +300,171 @@ def test_openai_client_raises_on_errors(client):
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         client.completions.create(model=MODEL, prompt="hi " * 1100, max_tokens=2)
     assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2, temperature=0).choices[0].text
+
+
+def test_models_retrieve_and_route_errors_are_openai_shaped(server, client):
+    card = client.models.retrieve(MODEL)
+    assert (card.id, card.object, card.owned_by) == (MODEL, "model", "mixtral") and card.created > 0
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    # before: FastAPI's {"detail": "Not Found"} / {"detail": "Method Not Allowed"}
+    for r, status in ((httpx.get(server[0] + "/v1/nothing-here"), 404),
+                      (httpx.get(server[0] + "/v1/chat/completions"), 405)):
+        assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_content_parts_text_joined_and_images_refused(server, client, loaded):
+    """The list-of-parts content the openai client and LangChain send: text parts are joined by
+    newlines (as vLLM does), an image part is a 400 that says why."""
+    as_text = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hello\nhow are you"}], max_tokens=8, temperature=0)
+    parts = client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "how are you"}]}])
+    assert parts.choices[0].message.content == as_text.choices[0].message.content
+    assert parts.usage.prompt_tokens == as_text.usage.prompt_tokens == len(chat_ids(loaded, "hello how are you"))
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    with pytest.raises(openai.BadRequestError, match="image_url") as e:
+        client.chat.completions.create(model=MODEL, max_tokens=2, messages=[
+            {"role": "user", "content": [{"type": "text", "text": "what is this"}, image]}])
+    assert e.value.body["param"] == "messages.0.content.1"
+
+
+def test_system_message_with_a_template_that_refuses_it(client, loaded, monkeypatch):
+    """Mixtral-Instruct's own template raises on a system role; the system text goes into the first
+    user turn (what Mistral's tooling does) instead of the request failing."""
+    from test_tokenizer import MIXTRAL_TEMPLATE
+
+    tok = loaded[1]
+    monkeypatch.setattr(tok, "chat_template", MIXTRAL_TEMPLATE)
+    messages = [{"role": "system", "content": "be good"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "how are you"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+    folded = [{"role": "user", "content": "be good\n\nhi"}, *messages[2:]]
+    ids = tok.apply_chat_template(folded, add_generation_prompt=True, return_dict=False)
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.choices[0].message.content == reference(loaded, ids, 6)[0]
+
+
+def test_n_choices_sample_from_derived_seeds(client):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=8, temperature=1.0, seed=5)
+    one = client.chat.completions.create(**kw)
+    three = client.chat.completions.create(**kw, n=3)
+    texts = [c.message.content for c in three.choices]
+    assert [c.index for c in three.choices] == [0, 1, 2] and len(set(texts)) == 3
+    assert texts[0] == one.choices[0].message.content  # choice 0 uses the seed itself, choice j seed + j
+    alone = [client.chat.completions.create(**{**kw, "seed": 5 + j}) for j in range(3)]
+    assert [a.choices[0].message.content for a in alone] == texts
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counts once
+    assert three.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    streamed: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    finishes: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    for c in client.chat.completions.create(**kw, n=3, stream=True, stream_options={"include_usage": True}):
+        for ch in c.choices:
+            streamed[ch.index].append(ch.delta.content or "")
+            if ch.finish_reason:
+                finishes[ch.index].append(ch.finish_reason)
+        last = c
+    assert ["".join(streamed[i]) for i in range(3)] == texts
+    assert finishes == {i: [three.choices[i].finish_reason] for i in range(3)}
+    assert last.choices == [] and last.usage == three.usage
+
+
+def test_completions_batch_of_prompts(client, loaded):
+    tok = loaded[1]
+    prompts = ["hello", "the big dog", "one two"]
+    singles = [client.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0) for p in prompts]
+    batch = client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1, 2]
+    assert [c.text for c in batch.choices] == [s.choices[0].text for s in singles]
+    assert batch.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)
+    ids = [tok.encode(p) for p in prompts]
+    as_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0, n=2)
+    assert [c.index for c in as_ids.choices] == list(range(6))  # prompt i's j-th choice is i * n + j
+    assert [c.text for c in as_ids.choices] == [s.choices[0].text for s in singles for _ in range(2)]
+    streamed = ["", "", ""]
+    for c in client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, temperature=0, stream=True):
+        streamed[c.choices[0].index] += c.choices[0].text
+    assert streamed == [c.text for c in batch.choices]
+
+
+def test_completion_text_keeps_its_leading_space_and_echo(client, loaded):
+    """The completion is the text the model adds after the prompt, so prompt + text reads right
+    (before: "the catsat", SentencePiece-style decoders dropping the first token's space); with
+    echo the prompt comes first, as OpenAI and vLLM do."""
+    tok = loaded[1]
+    ids = tok.encode("the cat")
+    text, _, _ = reference(loaded, ids, 5)
+    r = client.completions.create(model=MODEL, prompt="the cat", max_tokens=5, temperature=0)
+    assert r.choices[0].text == text and text.startswith(" ")
+    echoed = client.completions.create(model=MODEL, prompt="the cat", max_tokens=5, temperature=0, echo=True)
+    assert echoed.choices[0].text == "the cat" + text
+    streamed = client.completions.create(model=MODEL, prompt="the cat", max_tokens=5, temperature=0, echo=True,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == "the cat" + text
+
+
+def test_completions_default_to_16_tokens(client):
+    r = client.completions.create(model=MODEL, prompt=LONG, temperature=0)  # no max_tokens: OpenAI's 16
+    assert (r.usage.completion_tokens, r.choices[0].finish_reason) == (16, "length")
+
+
+def test_max_completion_tokens_and_null_fields(server, client):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       max_completion_tokens=3, temperature=0, user="u1", metadata={"k": "v"})
+    assert (r.usage.completion_tokens, r.choices[0].finish_reason) == (3, "length")
+    with pytest.raises(openai.BadRequestError, match=r"maximum context length is 1024 tokens.*in the messages"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       max_completion_tokens=5000)
+    # clients built from OpenAI's schema send null for what is unset (before: 400 on "stream": null)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "n": None,
+            "stream": None, "stream_options": None, "temperature": None, "top_p": None, "stop": None,
+            "seed": None, "user": None}
+    assert httpx.post(server[0] + "/v1/chat/completions", json=body, timeout=30).status_code == 200
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert raw.status_code == 200 and raw.headers["content-type"] == "application/json"
+    assert raw.parse().choices[0].message.role == "assistant"
+
+
+def test_include_usage_chunks_carry_null_usage(server):
+    """With include_usage every chunk has a "usage" key, null until the last (choices: [])."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server[0] + "/v1/chat/completions", json=body, timeout=30) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line and line != "data: [DONE]"]
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+    body["stream_options"] = None
+    with httpx.stream("POST", server[0] + "/v1/chat/completions", json=body, timeout=30) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line and line != "data: [DONE]"]
+    assert all("usage" not in c and c["choices"] for c in chunks)
+
+
+def test_streams_beside_a_dropped_n_stream_finish(server, client, loaded):
+    """Four streaming clients run while an n=3 stream is dropped: its three slots are freed and
+    the others' text is unchanged."""
+    base, engine = server
+    prompts = ["hello", "hi", "the big dog", "red blue green"]
+    refs = [reference(loaded, chat_ids(loaded, p), 30)[0] for p in prompts]
+
+    def stream(p: str) -> str:
+        chunks = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}],
+                                                max_tokens=30, temperature=0, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks)
+
+    body = {"model": MODEL, "prompt": LONG, "max_tokens": 600, "n": 3, "temperature": 0.8, "stream": True}
+    with ThreadPoolExecutor(4) as pool:
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            next(lines), next(lines)
+            futures = [pool.submit(stream, p) for p in prompts]
+            time.sleep(0.05)
+        got = [f.result(timeout=60) for f in futures]
+    assert got == refs
+    deadline = time.monotonic() + 10
+    while engine.num_active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.num_active == 0
 
 
 def test_dropped_stream_frees_its_slot(server, client, loaded):

@@ -11,6 +11,7 @@ translated in ``mixtral.checkpoint``; this file knows none of them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -370,11 +371,38 @@ class Recorder:
         return Recorder([] if attentions else None, [] if router_logits else None, [] if hidden_states else None)
 
 
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """Activation checkpointing as enabled: ``torch.utils.checkpoint``'s keywords, which layers
+    (every ``every_n_layers``-th from layer 0) and whether saved tensors go to host memory."""
+
+    kwargs: dict
+    every_n_layers: int = 1
+    offload: bool = False
+
+    def covers(self, layer_idx: int) -> bool:
+        return layer_idx % self.every_n_layers == 0
+
+
 class MixtralPreTrainedModel(nn.Module):
     """Shared construction, initialization and checkpoint I/O."""
 
     config_class = MixtralConfig
     base_model_prefix = "model"
+    # What transformers' Trainer, accelerate and PEFT read off a PreTrainedModel.
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DecoderLayer"]  # accelerate's device maps and FSDP's auto-wrap: never split a layer
+    _keys_to_ignore_on_save: set[str] | None = None
+    _tied_weights_keys: dict[str, str] | None = None
+    # transformers' LOSS_MAPPING name of the loss ``forward`` computes. Trainer reads it to count
+    # ``num_items_in_batch`` over ``labels[..., 1:]`` for a shifted causal-LM loss; without it the
+    # count includes each row's first label and every accumulated loss comes out slightly too small.
+    loss_type: str | None = None
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return callable(getattr(cls, "generate", None))
 
     def __init__(self, config: MixtralConfig, attn_implementation: str = "sdpa") -> None:
         super().__init__()
@@ -474,7 +502,8 @@ class MixtralPreTrainedModel(nn.Module):
         def hook(module, inputs, output):
             output.requires_grad_(True)
 
-        self._input_grad_hook = self.get_input_embeddings().register_forward_hook(hook)
+        if getattr(self, "_input_grad_hook", None) is None:
+            self._input_grad_hook = self.get_input_embeddings().register_forward_hook(hook)
 
     def disable_input_require_grads(self) -> None:
         hook = getattr(self, "_input_grad_hook", None)
@@ -482,17 +511,38 @@ class MixtralPreTrainedModel(nn.Module):
             hook.remove()
             self._input_grad_hook = None
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Recompute each decoder layer in the backward pass instead of keeping its activations
-        (``torch.utils.checkpoint``, non-reentrant unless ``{"use_reentrant": True}`` is passed)."""
-        self.get_decoder().gradient_checkpointing = dict(gradient_checkpointing_kwargs or {})
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute decoder layers in the backward pass instead of keeping their activations
+        (``torch.utils.checkpoint``, non-reentrant unless ``{"use_reentrant": True}`` is passed), as
+        transformers 5 does: every ``every_n_layers``-th layer from the first; ``offload`` keeps what
+        the checkpoints save in host memory. The embeddings' output is made to require grad too, so
+        reentrant checkpointing still reaches the layers when the embeddings are frozen (adapters)."""
+        if every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be >= 1, got {every_n_layers}")
+        self.get_decoder().gradient_checkpointing = CheckpointPlan(
+            dict(activation_checkpointing_kwargs or {}), every_n_layers, offload
+        )
+        self.enable_input_require_grads()
+
+    def activation_checkpointing_disable(self) -> None:
+        # The input-grad hook stays, as in transformers: the caller (PEFT) may have set it itself.
+        self.get_decoder().gradient_checkpointing = None
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """transformers' deprecated name for ``activation_checkpointing_enable`` (older Trainers call it)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
-        self.get_decoder().gradient_checkpointing = None
+        self.activation_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self.get_decoder().gradient_checkpointing is not None
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return self.get_decoder().gradient_checkpointing is not None
+        return self.is_activation_checkpointing
 
     @property
     def device(self) -> torch.device:
@@ -549,21 +599,33 @@ class MixtralPreTrainedModel(nn.Module):
         )
 
     def save_pretrained(
-        self, directory: str | Path, max_shard_size: int | str = "5GB", safe_serialization: bool = True
+        self, directory: str | Path, max_shard_size: int | str = "5GB", safe_serialization: bool = True, *,
+        is_main_process: bool = True, state_dict: dict[str, torch.Tensor] | None = None,
+        push_to_hub: bool = False, variant: str | None = None,
     ) -> None:
         """Write the hub layout (config.json + safetensors, sharded with an index when large);
-        a quantized model writes the quantized layout of ``mixtral.quant`` instead."""
+        a quantized model writes the quantized layout of ``mixtral.quant`` instead.
+
+        As transformers' keywords: ``state_dict`` (our parameter names, e.g. this model's
+        ``state_dict()`` gathered elsewhere) is written instead of the model's own tensors, and
+        only the main process writes (``is_main_process``)."""
         if not safe_serialization:
             raise ValueError("save_pretrained writes safetensors only (safe_serialization=False is not supported)")
+        if push_to_hub or variant is not None:
+            raise ValueError("save_pretrained: push_to_hub and variant are not supported; save, then upload the folder")
+        if not is_main_process:
+            return
         self.config.architectures = [type(self).__name__]
         if getattr(self, "quantization_config", None) is not None:
+            if state_dict is not None:
+                raise ValueError("save_pretrained: state_dict= is not supported for a quantized model")
             from .quant.checkpoint import save_quantized
 
             save_quantized(self, Path(directory))
             return
         from .checkpoint.hf import save_pretrained
 
-        save_pretrained(self, directory, max_shard_size=max_shard_size)
+        save_pretrained(self, directory, max_shard_size=max_shard_size, state_dict=state_dict)
 
     def prepare_for_checkpoint(self, rules, source, device) -> set[str]:
         """Before float weights load: a quantized checkpoint swaps in quantized modules, filled from
@@ -585,7 +647,7 @@ class MixtralModel(MixtralPreTrainedModel):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.register_buffer("inv_freq", rotary_inv_freq(config), persistent=False)
-        self.gradient_checkpointing: dict | None = None  # torch.utils.checkpoint's kwargs when enabled
+        self.gradient_checkpointing: CheckpointPlan | None = None  # set by activation_checkpointing_enable
         self.init_weights()
 
     @property
@@ -646,10 +708,9 @@ class MixtralModel(MixtralPreTrainedModel):
             if attention_mask.dim() != 2 or attention_mask.shape[0] != B or not T <= columns <= past + T:
                 # Only the last T columns are read (the cache keeps the past's); more columns than
                 # past + T would mean the mask and the cache disagree about where the row is.
-                raise ValueError(
-                    f"attention_mask must be (batch, past + seq_len) = ({B}, {past + T}) (or ({B}, {T}): the "
-                    f"new tokens' columns), got shape {tuple(attention_mask.shape)}"
-                )
+                also = f" (or ({B}, {T}): the new tokens' columns alone)" if past else ""
+                raise ValueError(f"attention_mask must be (batch, past + seq_len) = ({B}, {past + T}){also}, "
+                                 f"got shape {tuple(attention_mask.shape)}")
             new_valid = attention_mask[:, -T:].to(device=inputs_embeds.device).bool()
         if past_key_values is not None:
             layout = past_key_values.begin(new_valid, T)
@@ -684,8 +745,8 @@ class MixtralModel(MixtralPreTrainedModel):
         if fused is not None:
             h = fused
         else:
-            for layer in self.layers:
-                if checkpointing:
+            for i, layer in enumerate(self.layers):
+                if checkpointing and self.gradient_checkpointing.covers(i):
                     h = checkpointed_layer(layer, h, cos, sin, mask, self.attn_implementation, record,
                                            self.gradient_checkpointing)
                 else:
@@ -708,7 +769,7 @@ class MixtralModel(MixtralPreTrainedModel):
 
 
 def checkpointed_layer(layer: DecoderLayer, h, cos, sin, mask, implementation: str, record: Recorder | None,
-                       kwargs: dict) -> torch.Tensor:
+                       plan: CheckpointPlan) -> torch.Tensor:
     """One layer under ``torch.utils.checkpoint`` (no cache: training). The backward pass re-runs
     the layer, so the optional outputs come back as return values, collected by a recorder made
     per call, and are added to ``record`` once, from the first run."""
@@ -720,9 +781,10 @@ def checkpointed_layer(layer: DecoderLayer, h, cos, sin, mask, implementation: s
         out = layer(h, cos, sin, mask, None, implementation, local)
         return out, local.attentions[0] if want_probs else None, local.router_logits[0] if want_router else None
 
-    h, probs, router_logits = torch.utils.checkpoint.checkpoint(
-        run, h, cos, sin, **{"use_reentrant": False, **kwargs}
-    )
+    with (torch.autograd.graph.save_on_cpu(pin_memory=h.is_cuda) if plan.offload else contextlib.nullcontext()):
+        h, probs, router_logits = torch.utils.checkpoint.checkpoint(
+            run, h, cos, sin, **{"use_reentrant": False, **plan.kwargs}
+        )
     if record is not None:
         record.add(probs, router_logits)
     return h
@@ -846,6 +908,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batc
 
 
 class MixtralForCausalLM(MixtralPreTrainedModel):
+    loss_type = "ForCausalLM"
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # when config.tie_word_embeddings
+
     def __init__(self, config: MixtralConfig, attn_implementation: str = "sdpa") -> None:
         super().__init__(config, attn_implementation)
         config = self.config  # ours, also when a transformers config was passed
@@ -901,6 +966,16 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
         )
         return result if (return_dict if return_dict is not None else self.config.return_dict) else result.to_tuple()
 
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, past_key_values: Any = None,
+                                      **kwargs: Any) -> dict[str, Any]:
+        """transformers' per-step input hook, for code that drives ``forward`` step by step itself
+        (PEFT's causal-LM wrapper requires it; our ``generate`` does not call it): the tokens the
+        cache has not seen, the other inputs as given."""
+        if past_key_values is not None:
+            seen = past_key_values.seen if isinstance(past_key_values, KVCache) else past_key_values.get_seq_length()
+            input_ids = input_ids[:, seen:]
+        return {"input_ids": input_ids, "past_key_values": past_key_values, **kwargs}
+
     def generate(self, input_ids: torch.Tensor | None = None, generation_config: Any = None,
                  **kwargs: Any) -> torch.LongTensor | GenerateDecoderOnlyOutput:
         """transformers-style generation; see ``mixtral.generation.generate``."""
@@ -909,6 +984,8 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
 
 class MixtralForSequenceClassification(MixtralPreTrainedModel):
     """Decoder + a bias-free ``score`` head read at each row's last non-padding token."""
+
+    loss_type = "ForSequenceClassification"
 
     def __init__(self, config: MixtralConfig, attn_implementation: str = "sdpa") -> None:
         super().__init__(config, attn_implementation)

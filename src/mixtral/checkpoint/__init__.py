@@ -42,9 +42,18 @@ def resolve_path(path: str | Path) -> Path:
     raise CheckpointError(f"{text}: no such file or directory")
 
 
-def read_checkpoint(path: Path):
-    """(config, tensor source, rules) for any supported checkpoint at ``path``."""
+def read_checkpoint(path: Path, config: Any = None):
+    """(config, tensor source, rules) for any supported checkpoint at ``path``. With ``config``, a
+    directory of safetensors without config.json is read too: transformers' Trainer writes its
+    checkpoints of a model that is not a transformers ``PreTrainedModel`` (ours) that way."""
     from ..config import MixtralConfig
+
+    if (config is not None and path.is_dir() and not (path / "config.json").exists()
+            and not (path / "params.json").exists() and any(path.glob("model*.safetensors"))):
+        from .hf import hf_rules, read_hf
+
+        _, source = read_hf(path, config)
+        return config, source, hf_rules(config, set(source.keys()))
 
     if path.is_file() and path.suffix == ".gguf":
         from .gguf import read_gguf
@@ -63,6 +72,9 @@ def read_checkpoint(path: Path):
 
             return config, source, quantized_rules(config, set(source.keys()), path)
         return config, source, hf_rules(config, set(source.keys()))
+    if path.is_dir() and any(path.glob("model*.safetensors")):
+        raise CheckpointError(f"{path}: weights but no config.json (a transformers Trainer checkpoint of our "
+                              "model?): pass config=model.config, or save with model.save_pretrained")
     if path.is_dir():
         raise CheckpointError(f"{path}: neither config.json (Hugging Face) nor params.json (Mistral) found")
     raise CheckpointError(f"{path}: not a checkpoint directory or a .gguf file")
@@ -93,7 +105,7 @@ def load_pretrained(
     model is built, as transformers takes them (``num_labels=3``, ``output_router_logits=True``):
     a name that is not a config field is an error, not a silently ignored typo."""
     path = resolve_path(path)
-    ckpt_config, source, rules = read_checkpoint(path)
+    ckpt_config, source, rules = read_checkpoint(path, config)
     config = config or ckpt_config
     if config_overrides:
         import dataclasses

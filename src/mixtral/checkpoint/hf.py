@@ -10,6 +10,9 @@ model.layers.N.mlp.gate.weight                 block_sparse_moe.gate.weight     
 model.layers.N.mlp.experts.gate_up_proj        stack_E(cat(experts.E.w1, experts.E.w3))      mlp.experts.gate_up_proj
 model.layers.N.mlp.experts.down_proj           stack_E(experts.E.w2)                         mlp.experts.down_proj
 model.norm.weight / lm_head.weight / score.weight  same                                      same
+
+Our own names (``state_dict()`` as is, which transformers' Trainer writes for a model that is not a
+transformers ``PreTrainedModel``) are the v5 layout with the fused qkv_proj, and are read too.
 """
 
 from __future__ import annotations
@@ -53,9 +56,12 @@ def hf_rules(config: MixtralConfig, keys: set[str]) -> dict[str, Rule]:
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         attn = p + "self_attn."
-        rules[attn + "qkv_proj.weight"] = Rule(
-            (attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"), _cat, (q, kv, kv)
-        )
+        if attn + "qkv_proj.weight" in keys:  # our own names: a Trainer checkpoint (state_dict() as is)
+            rules[attn + "qkv_proj.weight"] = Rule((attn + "qkv_proj.weight",))
+        else:
+            rules[attn + "qkv_proj.weight"] = Rule(
+                (attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"), _cat, (q, kv, kv)
+            )
         for name in ("self_attn.o_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight"):
             rules[p + name] = Rule((p + name,))
         if p + "mlp.experts.gate_up_proj" in keys or p + "mlp.gate.weight" in keys:  # transformers v5
@@ -136,8 +142,8 @@ class PrefixedSource(TensorSource):
         return self.inner.describe()
 
 
-def read_hf(directory: Path) -> tuple[MixtralConfig, TensorSource]:
-    config = MixtralConfig.from_pretrained(directory)
+def read_hf(directory: Path, config: MixtralConfig | None = None) -> tuple[MixtralConfig, TensorSource]:
+    config = config if config is not None else MixtralConfig.from_pretrained(directory)
     source: TensorSource = SafetensorsSource.from_directory(directory)
     if not any(k.startswith("model.") for k in source.keys()):
         source = PrefixedSource(source)
@@ -157,12 +163,21 @@ def parse_size(size: int | str) -> int:
     return int(n * base ** "BKMGT".index(unit[0]))
 
 
-def hub_tensors(model) -> list[tuple[str, torch.Tensor]]:
-    """All tensors of ``model`` in the hub layout, full names, tied weights written once."""
+def hub_tensors(model, state_dict: dict[str, torch.Tensor] | None = None) -> list[tuple[str, torch.Tensor]]:
+    """All tensors of ``model`` (or ``state_dict``, in the model's own names) in the hub layout,
+    full names, tied weights written once."""
     config = model.config
     out, seen = [], set()
     prefix = "model." if type(model).__name__ == "MixtralModel" else ""
-    for name, p in model.named_parameters(remove_duplicate=False):
+    if state_dict is None:
+        items = model.named_parameters(remove_duplicate=False)
+    else:
+        expected = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        if set(state_dict) - expected:
+            raise ValueError(f"save_pretrained: state_dict keys that are not parameters of the model: "
+                             f"{sorted(set(state_dict) - expected)[:5]}")
+        items = state_dict.items()
+    for name, p in items:
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         if id(p) in seen:
@@ -172,12 +187,13 @@ def hub_tensors(model) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def save_pretrained(model, directory: str | Path, max_shard_size: int | str = "5GB") -> None:
+def save_pretrained(model, directory: str | Path, max_shard_size: int | str = "5GB",
+                    state_dict: dict[str, torch.Tensor] | None = None) -> None:
     from safetensors.torch import save_file
 
     directory = Path(directory)
     limit = parse_size(max_shard_size)
-    tensors = hub_tensors(model)
+    tensors = hub_tensors(model, state_dict)
     bare = type(model).__name__ == "MixtralModel"
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = 0

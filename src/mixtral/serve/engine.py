@@ -78,18 +78,36 @@ class Detokenizer:
 
     Text that could still become a stop string (a suffix that is a prefix of one) or that ends in an
     incomplete UTF-8 character is held back until the next token decides it.
+
+    The completion is decoded after the last few ``context`` (prompt) tokens and that prefix's text
+    cut off again: SentencePiece decoders strip the first token's leading space, so decoded alone
+    "The capital of France is" + ▁Paris would give "Paris", not the " Paris" that OpenAI and vLLM
+    return. After a special token (a chat prompt's ``[/INST]``) the text starts afresh, as alone.
     """
 
-    def __init__(self, tokenizer, stop: Sequence[str]) -> None:
+    CONTEXT_TOKENS = 5
+
+    def __init__(self, tokenizer, stop: Sequence[str], context: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
-        self.ids: list[int] = []
-        self.sent = 0  # characters of the text already emitted
+        prefix = list(context[-self.CONTEXT_TOKENS :])
+        if prefix:
+            special = set(tokenizer.all_special_ids)
+            prefix = prefix[max((k + 1 for k, t in enumerate(prefix) if t in special), default=0) :]
+        head = tokenizer.decode(prefix, skip_special_tokens=True) if prefix else ""
+        if head.endswith("\ufffd"):  # the prompt ends inside a character: its text would shift
+            prefix, head = [], ""
+        self.ids: list[int] = prefix  # the context prefix, then the completion's tokens
+        self.skip = len(head)  # characters of the prefix's text, never emitted
+        self.sent = 0  # characters of the completion's text already emitted
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)[self.skip :]
 
     def add(self, token: int) -> tuple[str, bool]:
         """Append a token; returns (new text to emit, whether a stop string was hit)."""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self._text()
         hits = [i for i in (text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop) if i >= 0]
         if hits:
             return self._take(text[: min(hits)]), True
@@ -103,7 +121,7 @@ class Detokenizer:
 
     def flush(self) -> str:
         """The held-back text, once no more tokens will come."""
-        return self._take(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+        return self._take(self._text())
 
     def _take(self, text: str) -> str:
         new = text[self.sent :]
@@ -218,7 +236,7 @@ class Engine:
                 generator.manual_seed(request.seed)
             else:
                 generator.seed()
-        active = _Active(request, cache, generator, Detokenizer(self.tokenizer, request.stop))
+        active = _Active(request, cache, generator, Detokenizer(self.tokenizer, request.stop, request.prompt_ids))
         if request.frequency_penalty or request.presence_penalty:
             active.counts = torch.zeros(model.config.vocab_size, dtype=torch.float32, device=model.device)
         ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=model.device)
