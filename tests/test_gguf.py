@@ -353,3 +353,11 @@ def test_to_gguf_refuses_a_quantized_checkpoint(tmp_path, capsys):
     ours.save_pretrained(tmp_path / "q")
     assert main(["convert", "to-gguf", str(tmp_path / "q"), str(tmp_path / "q.gguf")]) == 2
     assert "quantized checkpoint" in capsys.readouterr().err and not (tmp_path / "q.gguf").exists()
+
+
+def test_to_gguf_output_must_end_in_gguf(tmp_path, capsys):
+    """A .bin written by to-gguf would not be recognized as GGUF by any loader, ours included."""
+    _, ours = hf_pair()
+    ours.save_pretrained(tmp_path / "hf")
+    assert main(["convert", "to-gguf", str(tmp_path / "hf"), str(tmp_path / "m.bin")]) == 2
+    assert "must end in .gguf" in capsys.readouterr().err and not (tmp_path / "m.bin").exists()

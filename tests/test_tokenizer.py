@@ -306,3 +306,19 @@ def test_unequal_rows_need_padding(hf_tokenizer_dir):
 def test_missing_tokenizer_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+def test_unreadable_tokenizer_files_are_named(tmp_path):
+    from mixtral.checkpoint import CheckpointError
+
+    (tmp_path / "tokenizer.json").write_text("not json")
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: not a readable tokenizers file"):
+        Tokenizer.from_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("{bad")
+    with pytest.raises(CheckpointError, match=r"tokenizer_config\.json: not valid JSON"):
+        Tokenizer.from_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").unlink()
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "tokenizer.model").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match=r"tokenizer\.model: not a readable SentencePiece model"):
+        Tokenizer.from_pretrained(tmp_path)

@@ -105,7 +105,8 @@ class Tokenizer:
         ``model_max_length``, ``add_eos_token``, ...), as in transformers; ``use_fast``,
         ``trust_remote_code``, ``legacy`` and hub-download options are accepted and ignored.
         """
-        from .checkpoint import resolve_path
+        from .checkpoint import CheckpointError, resolve_path
+        from .checkpoint.loading import read_json
 
         unknown = set(kwargs) - _INIT_KWARGS - _IGNORED_LOAD_KWARGS
         if unknown:
@@ -123,14 +124,14 @@ class Tokenizer:
             path = path.parent
         config: dict[str, Any] = {}
         if (path / "tokenizer_config.json").exists():
-            config = json.loads((path / "tokenizer_config.json").read_text())
+            config = read_json(path / "tokenizer_config.json")  # bad JSON: an error naming the file
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
         if (path / "chat_template.jinja").exists():
             template = (path / "chat_template.jinja").read_text()
         elif (path / "chat_template.json").exists():
-            template = json.loads((path / "chat_template.json").read_text()).get("chat_template", template)
+            template = read_json(path / "chat_template.json").get("chat_template", template)
         init = dict(
             bos_token=_token_text(config.get("bos_token", "<s>")),
             eos_token=_token_text(config.get("eos_token", "</s>")),
@@ -144,7 +145,10 @@ class Tokenizer:
         if (path / "tokenizer.json").exists():
             from tokenizers import Tokenizer as HFTokenizer
 
-            backend = HFTokenizer.from_file(str(path / "tokenizer.json"))
+            try:
+                backend = HFTokenizer.from_file(str(path / "tokenizer.json"))
+            except Exception as e:  # tokenizers raises a bare Exception that names no file
+                raise CheckpointError(f"{path / 'tokenizer.json'}: not a readable tokenizers file ({e})") from e
             backend.no_padding()
             backend.no_truncation()
             # The config's add_bos_token/add_eos_token are ignored here: the post-processor decides.
@@ -152,7 +156,10 @@ class Tokenizer:
         if (path / "tokenizer.model").exists():
             import sentencepiece as spm
 
-            sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+            try:
+                sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+            except (OSError, RuntimeError) as e:
+                raise CheckpointError(f"{path / 'tokenizer.model'}: not a readable SentencePiece model ({e})") from e
             init.update(add_bos_token=config.get("add_bos_token", True), add_eos_token=config.get("add_eos_token"))
             return cls(sp, **{**init, **overrides})
         raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model found")

@@ -613,6 +613,8 @@ def run_export(args) -> int:
     from . import _is_quantized
 
     src = Path(args.src)
+    if Path(args.dst).suffix != ".gguf":  # loaders (ours, llama.cpp's tools) recognize GGUF by its suffix
+        raise CheckpointError(f"{args.dst}: the output of to-gguf must end in .gguf")
     if src.is_dir() and _is_quantized(src):  # checked first: loading 90 GB only to fail would waste minutes
         raise CheckpointError(f"{src}: a quantized checkpoint (config.json has quantization_config) cannot be "
                               "exported to GGUF; to-gguf needs a float checkpoint, which it quantizes itself "
