@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -388,7 +389,26 @@ def test_write_atomically_refuses_a_destination_of_the_wrong_kind(tmp_path):
     # a full directory that is not a checkpoint is not ours to delete
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep")
-    with pytest.raises(CheckpointError, match="holds no config.json"):
+    with pytest.raises(CheckpointError, match=r"not a checkpoint's \(todo.txt\)"):
         write_atomically(tmp_path / "notes", _writer(config_json="new"), replace=True)
     assert _files(tmp_path / "notes") == {"todo.txt": "keep"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "notes"]
+    # ... nor is a project folder that happens to hold a config.json beside its other files
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "config.json").write_text("{}")
+    (project / "thesis.tex").write_text("keep")
+    with pytest.raises(CheckpointError, match=r"not a checkpoint's \(src/, thesis.tex\)"):
+        write_atomically(project, _writer(config_json="new"), replace=True)
+    assert sorted(p.name for p in project.iterdir()) == ["config.json", "src", "thesis.tex"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "notes", "project"]
+
+
+def test_write_atomically_refuses_the_working_directory(tmp_path, monkeypatch):
+    from mixtral.checkpoint.loading import write_atomically
+
+    (tmp_path / "config.json").write_text("old")
+    monkeypatch.chdir(tmp_path)
+    for dst in (Path("."), tmp_path.parent):
+        with pytest.raises(CheckpointError, match="working directory"):
+            write_atomically(dst, _writer(config_json="new"), replace=True)
+    assert (tmp_path / "config.json").read_text() == "old"

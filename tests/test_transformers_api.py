@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TINY, hf_pair, tiny_kwargs, transformers
 
 from mixtral import MixtralConfig, MixtralForCausalLM, MixtralForSequenceClassification
@@ -65,6 +66,9 @@ def test_from_pretrained_takes_transformers_keywords(bf16_checkpoint):
     ref = transformers.MixtralForSequenceClassification.from_pretrained(bf16_checkpoint, num_labels=3,
                                                                         pad_token_id=0)
     assert clf.score.weight.shape == ref.score.weight.shape == (3, TINY["hidden_size"])
+    assert clf.config.label2id == ref.config.label2id == {"LABEL_0": 0, "LABEL_1": 1, "LABEL_2": 2}
+    clf.save_pretrained(bf16_checkpoint / "clf")  # and the saved config agrees with itself
+    assert MixtralForSequenceClassification.from_pretrained(bf16_checkpoint / "clf").config.num_labels == 3
     assert MixtralForCausalLM.from_pretrained(bf16_checkpoint, output_router_logits=True).config.output_router_logits
     with pytest.raises(TypeError, match="num_lables"):
         MixtralForCausalLM.from_pretrained(bf16_checkpoint, num_lables=3)
@@ -232,25 +236,48 @@ def test_attention_mask_longer_than_the_tokens_is_refused():
 # -- caches and logits ---------------------------------------------------------------------------
 def test_transformers_dynamic_cache_and_legacy_tuples_with_left_padding():
     """A prompt prefilled by transformers (its DynamicCache, or those tensors as legacy tuples)
-    continues in ours: the next step's logits match transformers' own, padding included."""
+    continues in ours: the next steps' logits match transformers' own, padding included, and a
+    DynamicCache reused in place (transformers' idiom) holds every step's keys."""
+    import copy
+
     from transformers import DynamicCache
 
     hm, m = hf_pair(pad_token_id=0)
     ids = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    nxt, step_mask = torch.tensor([[8], [9]]), torch.ones(2, 6, dtype=torch.long)
-    step_mask[0, :2] = 0
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    steps = [torch.tensor([[8], [9]]), torch.tensor([[10], [11]])]
     with torch.no_grad():
-        hf_cache = DynamicCache()
-        hm(ids, attention_mask=mask, position_ids=pos, past_key_values=hf_cache, use_cache=True)
-        legacy = tuple((layer.keys.clone(), layer.values.clone()) for layer in hf_cache.layers)
-        ours_dyn = m(nxt, attention_mask=step_mask, past_key_values=hf_cache).logits
-        ours_legacy = m(nxt, attention_mask=step_mask, past_key_values=legacy).logits
-        ref = hm(nxt, attention_mask=step_mask, position_ids=pos[:, -1:] + 1, past_key_values=hf_cache).logits
-        assert m(ids[:1, :3], past_key_values=DynamicCache()).past_key_values.seen == 3  # an empty one: fresh
-    torch.testing.assert_close(ours_dyn, ref, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(ours_legacy, ref, atol=1e-4, rtol=1e-4)
+        shared = DynamicCache()
+        hm(ids, attention_mask=mask, position_ids=pos, past_key_values=shared, use_cache=True)
+        legacy = tuple((layer.keys.clone(), layer.values.clone()) for layer in shared.layers)
+        theirs = copy.deepcopy(shared)
+        for j, nxt in enumerate(steps):
+            step_mask = F.pad(mask, (0, j + 1), value=1)
+            ref = hm(nxt, attention_mask=step_mask, position_ids=pos[:, -1:] + 1 + j, past_key_values=theirs).logits
+            ours = m(nxt, attention_mask=step_mask, past_key_values=shared).logits  # the same object each step
+            torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+            assert shared.get_seq_length() == 6 + j
+        ours_legacy = m(steps[0], attention_mask=F.pad(mask, (0, 1), value=1), past_key_values=legacy).logits
+        ref0 = hm(steps[0], attention_mask=F.pad(mask, (0, 1), value=1), position_ids=pos[:, -1:] + 1,
+                  past_key_values=_refill(legacy)).logits
+        torch.testing.assert_close(ours_legacy, ref0, atol=1e-4, rtol=1e-4)
+        with pytest.raises(ValueError, match=r"must be \(batch, past \+ seq_len\) = \(2, 6\) with past_key_values"):
+            m(steps[0], attention_mask=torch.ones(2, 1, dtype=torch.long), past_key_values=legacy)
+        # An empty DynamicCache to start, reused in place: the same logits as one full forward.
+        fresh, full = DynamicCache(), torch.tensor([[3, 4, 5, 6, 7, 8]])
+        m(full[:, :5], past_key_values=fresh)
+        torch.testing.assert_close(m(full[:, 5:], past_key_values=fresh).logits[:, -1], m(full).logits[:, -1],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def _refill(legacy):
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(legacy):
+        cache.update(k.clone(), v.clone(), i)
+    return cache
 
 
 def test_cache_crop_and_legacy_round_trip():

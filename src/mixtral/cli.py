@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "output", None):  # commands writing args.dst: refuse a bad one before the load
             source, directory = args.output
-            check_output_path(Path(args.dst), [Path(getattr(args, source))], directory=directory)
+            check_output_path(Path(args.dst), [Path(getattr(args, source))], directory=directory,
+                              replace=directory)  # directory outputs are replaced whole (write_atomically)
         return int(args.func(args) or 0)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -218,6 +218,9 @@ class MixtralConfig:
 
     def update(self, values: dict[str, Any]) -> None:
         """Set several attributes at once (transformers' ``config.update``), then check the result."""
+        values = dict(values)
+        if "num_labels" in values and "id2label" not in values and values["num_labels"] != self.num_labels:
+            self.id2label = None  # the labels follow the new count (LABEL_0...), as transformers' setter does
         for key, value in _normalize_keys(values).items():
             if key == "id2label":
                 self.id2label = {int(k): str(v) for k, v in value.items()}

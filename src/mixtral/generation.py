@@ -630,7 +630,7 @@ def generate(
     if (attention_mask is None and cfg.pad_token_id is not None and cfg.pad_token_id not in eos
             and ids_len == ctx_len):
         inferred = input_ids.ne(cfg.pad_token_id).long()
-        if not bool(inferred.all()):  # the one host sync of the setup
+        if not bool(inferred.all()):  # a host sync, once per call (the padding check below is another)
             attention_mask = inferred
     if attention_mask is not None:
         attention_mask = attention_mask.to(device)

@@ -694,10 +694,8 @@ class MixtralModel(MixtralPreTrainedModel):
             bool(output_router_logits if output_router_logits is not None else config.output_router_logits),
             bool(output_hidden_states if output_hidden_states is not None else config.output_hidden_states),
         )
-        past_mask = None
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] > T:
-            past_mask = attention_mask[:, :-T]
-        past_key_values = to_kv_cache(past_key_values, self, B, past_mask)
+        hf_cache = past_key_values if is_transformers_cache(past_key_values) else None
+        past_key_values = to_kv_cache(past_key_values, self, B, attention_mask, T)
         if use_cache and past_key_values is None:
             past_key_values = KVCache.for_model(config, B, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
 
@@ -756,6 +754,11 @@ class MixtralModel(MixtralPreTrainedModel):
         h = self.norm(h)
         if past_key_values is not None:
             past_key_values.end()
+        if hf_cache is not None and past_key_values is not None:
+            # transformers code reuses its cache object in place: give it this step's keys and values
+            for i in range(config.num_hidden_layers):
+                n = past_key_values.seen
+                hf_cache.update(past_key_values.k[i][:, :, n - T : n], past_key_values.v[i][:, :, n - T : n], i)
         if record is not None and record.hidden_states is not None:
             record.hidden_states[-1] = h  # transformers' convention: the last entry is after the norm
         out = MoeModelOutputWithPast(
@@ -855,19 +858,27 @@ def derive_position_ids(valid: torch.Tensor | None, row_start: torch.Tensor, T: 
     return pos.masked_fill(~valid, 1).clamp_(min=0)
 
 
-def to_kv_cache(past: Any, model: MixtralModel, batch: int, past_mask: torch.Tensor | None = None
-                ) -> KVCache | None:
+def is_transformers_cache(past: Any) -> bool:
+    return hasattr(past, "layers") and hasattr(past, "get_seq_length") and not isinstance(past, KVCache)
+
+
+def to_kv_cache(past: Any, model: MixtralModel, batch: int, attention_mask: torch.Tensor | None = None,
+                num_new: int = 0) -> KVCache | None:
     """Accept our KVCache, the legacy tuple-of-(k, v)-per-layer format transformers used, or a
-    transformers ``DynamicCache`` (read through its layers' ``keys``/``values``; the returned cache
-    is a new ``KVCache``, which the output's ``past_key_values`` carries on)."""
+    transformers ``DynamicCache`` (read through its layers' ``keys``/``values``). Either is copied
+    into a new ``KVCache``, which the output's ``past_key_values`` carries on (the forward pass also
+    appends the step's keys to a ``DynamicCache``, for code that reuses it in place). Neither
+    format records padding, so with an ``attention_mask`` it must cover past + ``num_new`` tokens:
+    its past columns mark the held keys that are real."""
     if past is None or isinstance(past, KVCache) or hasattr(past, "begin"):
         return past  # our cache, or any object with its begin/update/end protocol (e.g. the server's)
-    if hasattr(past, "layers") and hasattr(past, "get_seq_length"):  # a transformers Cache object
+    if is_transformers_cache(past):
+        if model.config.sliding_window is not None or any(getattr(past, "is_sliding", None) or ()):
+            raise TypeError("past_key_values: a transformers cache cannot be used with a sliding-window model "
+                            "(its keys are kept in a rolling buffer here); pass the mixtral KVCache that the "
+                            "previous call returned as past_key_values")
         if past.get_seq_length() == 0:
-            return None  # DynamicCache() passed to start: ours is made fresh
-        if getattr(past, "is_sliding", None) and any(past.is_sliding):
-            raise TypeError("past_key_values: a transformers sliding-window cache cannot be converted; "
-                            "pass a mixtral KVCache")
+            return None  # DynamicCache() passed to start: ours is made fresh, and copied back after the step
         past = tuple((layer.keys, layer.values) for layer in past.layers)
     if isinstance(past, (tuple, list)) and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in past):
         if len(past) != model.config.num_hidden_layers:
@@ -877,11 +888,14 @@ def to_kv_cache(past: Any, model: MixtralModel, batch: int, past_mask: torch.Ten
         n = k0.shape[2]
         if cache.window is not None and n > cache.window:
             raise ValueError("legacy past_key_values longer than the sliding window cannot be converted")
-        # The tuples carry no padding: the attention mask's past columns say which held keys are real.
-        if past_mask is not None and past_mask.shape == (batch, n):
-            valid = past_mask.to(device=k0.device).bool()
-        else:
-            valid = torch.ones(batch, n, dtype=torch.bool, device=k0.device)
+        valid = torch.ones(batch, n, dtype=torch.bool, device=k0.device)
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape != (batch, n + num_new):
+                raise ValueError(
+                    f"attention_mask must be (batch, past + seq_len) = ({batch}, {n + num_new}) with past_key_values "
+                    f"given as tuples or a transformers cache (they do not record padding), got shape "
+                    f"{tuple(attention_mask.shape)}")
+            valid = attention_mask[:, :n].to(device=k0.device).bool()
         cache.begin(valid, n)
         for i, (k, v) in enumerate(past):
             cache.update(i, k, v)

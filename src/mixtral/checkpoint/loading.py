@@ -380,6 +380,15 @@ def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module._parameters[leaf] = nn.Parameter(tensor.contiguous(), requires_grad=old.requires_grad)
 
 
+# What a checkpoint directory written here (or downloaded from the hub) holds. Replacing a directory
+# deletes it, so only one that holds nothing else is replaced (see ``check_output_path``).
+CHECKPOINT_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+    "model.safetensors.index.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+
+
 def check_output_path(dst: Path, sources: Iterable[Path] = (), *, directory: bool = True,
                       replace: bool = False) -> None:
     """Refuse, before anything is written, an output path that would destroy an input or is of the
@@ -387,8 +396,9 @@ def check_output_path(dst: Path, sources: Iterable[Path] = (), *, directory: boo
     it would delete the very files being read); a file ``dst`` must not be a source (a new file
     inside a source directory deletes nothing). An existing ``dst`` must be a directory when a
     directory is written and a file when a file is. With ``replace`` (``write_atomically``'s) an
-    existing directory must be empty or hold a config.json: what does not look like a checkpoint
-    (a home directory given by mistake) is not ours to delete."""
+    existing directory must hold checkpoint files only (``CHECKPOINT_FILES``), no subdirectory, and
+    must not be the working directory: anything else (a project folder that happens to hold a
+    config.json, a home directory given by mistake) is not ours to delete."""
     real = Path(dst).expanduser().resolve()
     for src in sources:
         src = Path(src).expanduser()
@@ -405,9 +415,18 @@ def check_output_path(dst: Path, sources: Iterable[Path] = (), *, directory: boo
     parent = next(p for p in real.parents if p.exists())
     if not parent.is_dir():
         raise CheckpointError(f"{dst}: {parent} is a file, so nothing can be written below it")
-    if replace and real.is_dir() and any(real.iterdir()) and not (real / "config.json").exists():
-        raise CheckpointError(f"{dst}: exists, is not empty and holds no config.json; refusing to replace "
-                              "what does not look like a checkpoint (remove it or pick a new path)")
+    if replace and real.is_dir():
+        import fnmatch
+
+        cwd = Path.cwd().resolve()
+        if real == cwd or real in cwd.parents:
+            raise CheckpointError(f"{dst}: is (or contains) the working directory; write to a new path")
+        foreign = sorted(e.name + ("/" if e.is_dir() else "") for e in real.iterdir()
+                         if e.is_dir() or not any(fnmatch.fnmatch(e.name, pat) for pat in CHECKPOINT_FILES))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise CheckpointError(f"{dst}: exists and holds files that are not a checkpoint's ({shown}); "
+                                  "refusing to replace it (remove it or pick a new path)")
 
 
 def write_atomically(directory: Path, write: Callable[[Path], None], *, replace: bool = False,
