@@ -10,15 +10,9 @@ import torch
 from conftest import hf_pair, transformers
 
 from mixtral import KVCache
-from mixtral.generation import (
-    GenerationConfig,
-    SamplingParams,
-    TextIteratorStreamer,
-    filter_min_p,
-    filter_top_k,
-    filter_top_p,
-    next_token,
-)
+from mixtral.generation import TextIteratorStreamer
+from mixtral.generation_config import GenerationConfig
+from mixtral.sampling import SamplingParams, filter_min_p, filter_top_k, filter_top_p, next_token
 
 
 def padded_prompts(lengths=(3, 7, 5), vocab=101, seed=0):

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import KVCache, RaggedDecodeView
-from ..generation import SamplingParams, decode_step, next_token, prefill
+from ..generation import decode_step, prefill
+from ..sampling import SamplingParams, next_token
 
 log = logging.getLogger("mixtral.serve")
 

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..generation import SamplingParams
+from ..sampling import SamplingParams
 from .chat import chat_prompt
 from .engine import Delta, Engine, Event, Failed, Finished
 from .engine import Request as EngineRequest
