@@ -77,7 +77,7 @@ def measure(impl: str, model_dir: Path, threads: int, new_tokens: int, prefill_l
 
         mode = impl.split("-", 1)[1]
         path = quantized_path(model_dir, mode) if mode != "fp32" else model_dir
-        model = MixtralForCausalLM.from_pretrained(path)
+        model = MixtralForCausalLM.from_pretrained(path, dtype=torch.float32)  # the fp32 CPU paths, whatever was saved
         stored = stored_mb(path)
 
         def run_prefill(ids):
@@ -154,10 +154,12 @@ def gguf_path(model_dir: Path, gtype: str) -> Path:
 def quantized_path(model_dir: Path, mode: str) -> Path:
     path = model_dir / f"bench-{mode}"
     if not (path / "config.json").exists():
+        import torch
+
         from mixtral import MixtralForCausalLM
         from mixtral.quant import quantize_model
 
-        model = MixtralForCausalLM.from_pretrained(model_dir)
+        model = MixtralForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         # Group 32 for int4: the precision of llama.cpp's Q4_1 it is compared with.
         quantize_model(model, mode, group_size=32, lm_head=True)
         model.save_pretrained(path)
@@ -185,7 +187,8 @@ def quality(model_dir: Path, threads: int) -> None:
     text_ids = torch.tensor([tok.encode(TEXT)])
     results = {}
     for mode in ("fp32", "int8", "int4"):
-        model = MixtralForCausalLM.from_pretrained(model_dir if mode == "fp32" else quantized_path(model_dir, mode))
+        model = MixtralForCausalLM.from_pretrained(model_dir if mode == "fp32" else quantized_path(model_dir, mode),
+                                                   dtype=torch.float32)
         with torch.inference_mode():
             gens = [model.generate(torch.tensor([tok.encode(p)]), max_new_tokens=32)[0].tolist() for p in PROMPTS]
             # Perplexity twice: over the whole text at once (the prefill path: fp32 activations) and

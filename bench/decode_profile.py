@@ -90,7 +90,7 @@ def main() -> None:
     print("| mode | step ms | layers call ms | layers GB/s | output head ms | everything else ms |")
     print("| --- | --- | --- | --- | --- | --- |")
     for mode in args.modes.split(","):
-        model = MixtralForCausalLM.from_pretrained(path)
+        model = MixtralForCausalLM.from_pretrained(path, dtype=torch.float32)  # the fp32 CPU paths, whatever was saved
         if mode != "fp32":
             quantize_model(model, mode, group_size=32, lm_head=True)
         m = profile(model, args.steps)

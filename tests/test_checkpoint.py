@@ -412,3 +412,28 @@ def test_write_atomically_refuses_the_working_directory(tmp_path, monkeypatch):
         with pytest.raises(CheckpointError, match="working directory"):
             write_atomically(dst, _writer(config_json="new"), replace=True)
     assert (tmp_path / "config.json").read_text() == "old"
+
+
+def test_write_atomically_replaces_a_mount_point_file_by_file(tmp_path, monkeypatch):
+    """A mount point (a container's output volume) cannot be renamed: its files are swapped instead."""
+    import os
+
+    from mixtral.checkpoint import loading
+    from mixtral.checkpoint.loading import write_atomically
+
+    dst = tmp_path / "volume"
+    dst.mkdir()
+    for name in ("config.json", "tokenizer.json", "model-00001-of-00002.safetensors"):
+        (dst / name).write_text("old")
+    monkeypatch.setattr(loading.os.path, "ismount", lambda p: os.fspath(p) == os.fspath(dst))
+    real_rename = os.rename
+
+    def rename(a, b):  # what the kernel answers for a mount point
+        if os.fspath(a) == os.fspath(dst):
+            raise OSError(16, "Device or resource busy")
+        real_rename(a, b)
+
+    monkeypatch.setattr(loading.os, "rename", rename)
+    write_atomically(dst, _writer(config_json="new", model_safetensors="w"), replace=True)
+    assert _files(dst) == {"config.json": "new", "model.safetensors": "w"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["volume"]

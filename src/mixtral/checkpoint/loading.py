@@ -453,10 +453,14 @@ def write_atomically(directory: Path, write: Callable[[Path], None], *, replace:
     check_output_path(directory, sources, replace=replace)
     real = Path(directory).expanduser().resolve()  # through a symlink: replace what it points to
     real.parent.mkdir(parents=True, exist_ok=True)
-    if not replace:
+    # Replacing renames the directory itself, which a mount point (a container's volume) or a folder
+    # in a parent we may not write cannot be: there the old checkpoint's files (check_output_path
+    # allowed nothing else) are removed and the new ones moved in, config.json last.
+    swap = replace and not (real.exists() and (os.path.ismount(real) or not os.access(real.parent, os.W_OK)))
+    if not swap:
         real.mkdir(exist_ok=True)
-    # A sibling (replace) or a child (merge), so the final renames stay on one filesystem.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.tmp-", dir=real.parent if replace else real))
+    # A sibling (swap) or a child (merge), so the final renames stay on one filesystem.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.tmp-", dir=real.parent if swap else real))
     old: Path | None = None
     try:
         write(tmp)
@@ -464,7 +468,11 @@ def write_atomically(directory: Path, write: Callable[[Path], None], *, replace:
         os.umask(umask)
         for f in tmp.rglob("*"):  # safetensors creates files private (0600), mkdtemp directories 0700
             os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
-        if not replace:
+        if not swap:
+            if replace:
+                for entry in real.iterdir():
+                    if entry != tmp:
+                        entry.unlink()
             for n in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
                 os.replace(tmp / n, real / n)
             return
