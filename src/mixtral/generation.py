@@ -201,7 +201,8 @@ def generate(
     ``cache_implementation="static"`` (transformers' spelling) decodes over a fixed-shape cache on
     CUDA: one captured graph of the compiled step per batch size, kept for later calls
     (``mixtral.kernels.cuda_graph.static_decoder``); the prompt is still prefilled eagerly. See
-    ``static_decode_applies`` for the CPU.
+    ``static_decode_applies`` for the CPU. The kept graph owns its cache, so two such calls of the
+    same batch size must not run at once from different threads (the server does not use it).
     """
     unknown = sorted(set(kwargs) - _field_names())
     if unknown:
