@@ -128,6 +128,29 @@ def test_detokenizer_keeps_the_space_sentencepiece_strips(tmp_path):
     assert Detokenizer(tok, [], full[:k]).add(full[k])[0].startswith(" ")
 
 
+def test_detokenizer_is_incremental_and_exact(tmp_path):
+    """Each step decodes a window of a few tokens, not the whole completion (that made a step's cost
+    grow with the answer's length), and the pieces still add up to the full decode, multi-byte
+    characters (byte-fallback tokens) included."""
+    from test_tokenizer import mixtral_tokenizer_json
+
+    tok = Tokenizer.from_pretrained(mixtral_tokenizer_json(tmp_path / "tok"))
+    ids = tok.encode("naïve café, déjà vu: the lazy dog. " * 40, add_special_tokens=False)
+    decoded: list[int] = []
+
+    class Counting:
+        all_special_ids = tok.all_special_ids
+
+        def decode(self, token_ids, **kw):
+            decoded.append(len(token_ids))
+            return tok.decode(token_ids, **kw)
+
+    d = Detokenizer(Counting(), [])
+    text = "".join(d.add(t)[0] for t in ids) + d.flush()
+    assert text == tok.decode(ids, skip_special_tokens=True)
+    assert len(ids) > 400 and max(decoded) <= 8
+
+
 def test_seeded_sampling_is_reproducible_beside_others(server, loaded):
     engine = server[1]
     ids = chat_ids(loaded, "hello")

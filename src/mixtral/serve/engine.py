@@ -80,10 +80,14 @@ class Detokenizer:
     Text that could still become a stop string (a suffix that is a prefix of one) or that ends in an
     incomplete UTF-8 character is held back until the next token decides it.
 
-    The completion is decoded after the last few ``context`` (prompt) tokens and that prefix's text
-    cut off again: SentencePiece decoders strip the first token's leading space, so decoded alone
-    "The capital of France is" + ▁Paris would give "Paris", not the " Paris" that OpenAI and vLLM
-    return. After a special token (a chat prompt's ``[/INST]``) the text starts afresh, as alone.
+    Decoding is incremental, so a step costs the same at token 4000 as at token 4: each new token is
+    decoded together with the few before it (``ids[prefix:]``), and the text those few give alone
+    (``ids[prefix:read]``) is cut off again. The window is needed because a token's text depends on
+    its neighbours (SentencePiece strips the leading space of a sequence's first token, byte tokens
+    form one character only together). The completion starts after the last few ``context``
+    (prompt) tokens for the same reason: decoded alone, "The capital of France is" + ▁Paris would
+    give "Paris", not the " Paris" that OpenAI and vLLM return. After a special token (a chat
+    prompt's ``[/INST]``) the text starts afresh, as alone.
     """
 
     CONTEXT_TOKENS = 5
@@ -95,34 +99,44 @@ class Detokenizer:
         if prefix:
             special = set(tokenizer.all_special_ids)
             prefix = prefix[max((k + 1 for k, t in enumerate(prefix) if t in special), default=0) :]
-        head = tokenizer.decode(prefix, skip_special_tokens=True) if prefix else ""
-        if head.endswith("\ufffd"):  # the prompt ends inside a character: its text would shift
-            prefix, head = [], ""
+        if prefix and self._decode(prefix).endswith("\ufffd"):  # the prompt ends inside a character
+            prefix = []
         self.ids: list[int] = prefix  # the context prefix, then the completion's tokens
-        self.skip = len(head)  # characters of the prefix's text, never emitted
-        self.sent = 0  # characters of the completion's text already emitted
+        self.prefix, self.read = 0, len(prefix)  # the window: ids[prefix:read] is decoded already
+        self.text = ""  # the completion's text so far (complete characters only)
+        self.sent = 0  # characters of ``text`` already emitted
 
-    def _text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)[self.skip :]
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _advance(self) -> None:
+        """Move the complete characters the window's new tokens make into ``text``."""
+        before = self._decode(self.ids[self.prefix : self.read])
+        now = self._decode(self.ids[self.prefix :])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.text += now[len(before) :]
+            self.prefix, self.read = self.read, len(self.ids)
 
     def add(self, token: int) -> tuple[str, bool]:
         """Append a token; returns (new text to emit, whether a stop string was hit)."""
         self.ids.append(token)
-        text = self._text()
+        self._advance()
+        text = self.text
         hits = [i for i in (text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop) if i >= 0]
         if hits:
             return self._take(text[: min(hits)]), True
-        hold = 1 if text.endswith("\ufffd") else 0
+        hold = 0
         for s in self.stop:
-            for n in range(min(len(s) - 1, len(text)), hold, -1):
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
                 if text.endswith(s[:n]):
-                    hold = n
+                    hold = max(hold, n)
                     break
         return self._take(text[: len(text) - hold]), False
 
     def flush(self) -> str:
-        """The held-back text, once no more tokens will come."""
-        return self._take(self._text())
+        """The held-back text, once no more tokens will come (an unfinished character included)."""
+        tail = self._decode(self.ids[self.prefix :])[len(self._decode(self.ids[self.prefix : self.read])) :]
+        return self._take(self.text + tail)
 
     def _take(self, text: str) -> str:
         new = text[self.sent :]
