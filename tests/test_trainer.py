@@ -185,6 +185,20 @@ def test_trainer_checkpoint_loads_and_resumes(tmp_path):
         torch.testing.assert_close(p, m.state_dict()[name], atol=1e-6, rtol=1e-6, msg=name)
 
 
+def test_trainer_saves_a_tied_model(tmp_path):
+    """safetensors refuses shared tensors; Trainer saves a model that is not transformers' own as
+    save_file(model.state_dict()), which with tied embeddings held the embeddings twice as one tensor."""
+    _, m = hf_pair(tie_word_embeddings=True)
+    train(m, tmp_path / "run", CausalData())
+    assert m.lm_head.weight is m.model.embed_tokens.weight  # still tied in the model itself
+    loaded = MixtralForCausalLM.from_pretrained(tmp_path / "run" / f"checkpoint-{STEPS}", config=m.config)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    ids = CausalData().ids[:2]
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, m(ids).logits, atol=0, rtol=0)
+
+
 def test_save_pretrained_takes_trainers_keywords(tmp_path):
     _, a = hf_pair(seed=1)
     _, b = hf_pair(seed=2)

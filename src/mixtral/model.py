@@ -594,6 +594,16 @@ def to_kv_cache(past: Any, model: MixtralModel, batch: int, attention_mask: torc
     raise TypeError(f"past_key_values must be a mixtral KVCache or a tuple of (k, v) pairs, got {type(past)}")
 
 
+def _untie_in_state_dict(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """With tied embeddings, the state dict's output head is a copy, not the embeddings' tensor:
+    safetensors refuses shared tensors, and transformers' Trainer saves a model that is not its own
+    as ``save_file(model.state_dict())``. Loading it back (``load_state_dict``, ``from_pretrained``)
+    is unchanged: the copy holds the same values."""
+    head, embed = prefix + "lm_head.weight", prefix + "model.embed_tokens.weight"
+    if head in state_dict and embed in state_dict and state_dict[head].data_ptr() == state_dict[embed].data_ptr():
+        state_dict[head] = state_dict[head].clone()
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
     """Next-token cross-entropy: labels are shifted here, -100 ignored, mean over counted tokens.
 
@@ -625,6 +635,7 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
         self.generation_config = GenerationConfig.from_model_config(config)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_state_dict_post_hook(_untie_in_state_dict)
 
     def forward(
         self,
