@@ -116,9 +116,8 @@ class GenerationConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> GenerationConfig:
         """Fields by name; ``None`` values count as unset (transformers writes them so); other keys
         go to ``extra``."""
-        names = _field_names()
-        known = {k: v for k, v in data.items() if k in names and v is not None}
-        return cls(**known, extra={k: v for k, v in data.items() if k not in names})
+        known, extra = _split(data)
+        return cls(**known, extra=extra)
 
     @classmethod
     def from_model_config(cls, config: Any) -> GenerationConfig:
@@ -190,10 +189,14 @@ def _stated_settings(config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         names = _field_names()
         diff = config.to_diff_dict()
         return {k: v for k, v in diff.items() if k in names}, dict(config.extra)
-    data = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    return _split(config.to_dict() if hasattr(config, "to_dict") else dict(vars(config)))
+
+
+def _split(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(our fields that ``data`` sets to a value, its keys that are not our fields)."""
     names = _field_names()
-    known = {k: v for k, v in data.items() if k in names and v is not None}
-    return known, {k: v for k, v in data.items() if k not in names}
+    return {k: v for k, v in data.items() if k in names and v is not None}, {k: v for k, v in data.items()
+                                                                             if k not in names}
 
 
 def resolve_generation_config(model, generation_config: Any = None, **overrides: Any) -> GenerationConfig:
