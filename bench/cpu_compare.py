@@ -73,7 +73,7 @@ def measure(impl: str, model_dir: Path, threads: int, new_tokens: int, prefill_l
     if impl.startswith("ours-"):
         from mixtral import MixtralForCausalLM
         from mixtral.cache import KVCache
-        from mixtral.generation import decode_step, prefill
+        from mixtral.generation import choose_stepper, prefill
 
         mode = impl.split("-", 1)[1]
         path = quantized_path(model_dir, mode) if mode != "fp32" else model_dir
@@ -84,10 +84,12 @@ def measure(impl: str, model_dir: Path, threads: int, new_tokens: int, prefill_l
             cache = KVCache.for_model(model.config, 1, capacity=ids.shape[1] + new_tokens + 1)
             return prefill(model, ids, None, cache), cache
 
+        stepper = choose_stepper(model)  # what generate and the server decode with
+
         def run_decode(logits, cache, n):
             tok = logits.argmax(-1)
             for _ in range(n):
-                tok = decode_step(model, tok, None, cache).argmax(-1)
+                tok = stepper.step(tok, cache).argmax(-1)
     else:
         import transformers
 
@@ -180,7 +182,7 @@ def quality(model_dir: Path, threads: int) -> None:
 
     from mixtral import MixtralForCausalLM, Tokenizer
     from mixtral.cache import KVCache
-    from mixtral.generation import decode_step, prefill
+    from mixtral.generation import choose_stepper, prefill
 
     torch.set_num_threads(threads)
     tok = Tokenizer.from_pretrained(model_dir)
@@ -197,7 +199,8 @@ def quality(model_dir: Path, threads: int) -> None:
             ppl = float(torch.exp(torch.nn.functional.cross_entropy(logits, text_ids[0, 1:])))
             cache = KVCache.for_model(model.config, 1)
             steps = [prefill(model, text_ids[:, :1], None, cache)]
-            steps += [decode_step(model, text_ids[:, t], None, cache) for t in range(1, text_ids.shape[1] - 1)]
+            stepper = choose_stepper(model)
+            steps += [stepper.step(text_ids[:, t], cache) for t in range(1, text_ids.shape[1] - 1)]
             ppl_decode = float(torch.exp(torch.nn.functional.cross_entropy(torch.stack(steps, 1)[0], text_ids[0, 1:])))
         results[mode] = (gens, ppl, ppl_decode)
         del model

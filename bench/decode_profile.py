@@ -3,7 +3,7 @@
     python bench/decode_profile.py                      # demo model, fp32 / int8 / int4, 2 threads
     python bench/decode_profile.py --modes int8 --steps 96
 
-Times ``decode_layers`` (all decoder layers in one C++ call) and the output projection inside real
+Times ``decode_layers`` (all decoder layers in one C++ call, the fused stepper) and the output projection inside real
 decode steps (greedy, after a 16-token prompt), and prints medians per step with the bandwidth the
 layers call reached on the bytes it must read (attention weights plus the two chosen experts per
 layer). Quantized models are made in memory as the comparison bench makes them (group 32, int8 head).
@@ -37,12 +37,11 @@ def layer_bytes(model) -> int:
 
 
 def profile(model, steps: int) -> dict:
-    import mixtral.model as model_mod
+    import mixtral.generation.steppers as steppers
     from mixtral.cache import KVCache
-    from mixtral.generation import decode_step, prefill
+    from mixtral.generation import CpuFusedStepper, choose_stepper, prefill
 
     timings: dict[str, list[float]] = {"layers": [], "head": []}
-    real_layers, real_project = model_mod.decode_layers, model_mod.project
 
     def timed(name, fn):
         def wrapper(*args):
@@ -52,10 +51,20 @@ def profile(model, steps: int) -> dict:
             return out
         return wrapper
 
-    model_mod.decode_layers = timed("layers", real_layers)
-    head = model.lm_head  # the model applies its head through project(), whatever the head's format
-    timed_project = timed("head", real_project)
-    model_mod.project = lambda linear, x: (timed_project if linear is head else real_project)(linear, x)
+    class TimedKernels:  # the compiled module, with decode_layers timed
+        def __init__(self, ck):
+            self.ck = ck
+
+        def __getattr__(self, name):
+            fn = getattr(self.ck, name)
+            return timed("layers", fn) if name == "decode_layers" else fn
+
+    stepper = choose_stepper(model)
+    if not isinstance(stepper, CpuFusedStepper):
+        raise SystemExit(f"decode runs the {stepper.name} stepper here, not the fused CPU kernels")
+    real_kernels, real_linear = steppers.cpu_row_kernels, steppers.linear
+    steppers.cpu_row_kernels = lambda x: TimedKernels(real_kernels(x))
+    steppers.linear = timed("head", real_linear)  # the stepper applies only the output head through it
     try:
         with torch.inference_mode():
             cache = KVCache.for_model(model.config, 1)
@@ -63,10 +72,10 @@ def profile(model, steps: int) -> dict:
             step = []
             for _ in range(steps):
                 t = time.perf_counter()
-                tok = decode_step(model, tok, None, cache).argmax(-1)
+                tok = stepper.step(tok, cache).argmax(-1)
                 step.append(time.perf_counter() - t)
     finally:
-        model_mod.decode_layers, model_mod.project = real_layers, real_project
+        steppers.cpu_row_kernels, steppers.linear = real_kernels, real_linear
     skip = steps // 8  # warm-up
     med = {k: statistics.median(v[skip:]) * 1e3 for k, v in timings.items() if v}
     med["step"] = statistics.median(step[skip:]) * 1e3

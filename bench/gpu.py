@@ -44,11 +44,11 @@ import traceback
 import torch
 
 from mixtral import MixtralConfig, MixtralForCausalLM
-from mixtral.cache import KVCache
-from mixtral.checkpoint import from_state_dict
-from mixtral.kernels.cuda_graph import GraphDecoder, StaticCache, decode_step, sample_on_device
+from mixtral.cache import KVCache, StaticCache
+from mixtral.generation.cuda_graph import GraphDecoder, decode_step, sample_on_device
 from mixtral.kernels.fused_moe import fused_experts, fused_experts_quantized, quantized_linear
 from mixtral.kernels.moe_configs import MoeConfig, get_config
+from mixtral.loader import from_state_dict
 from mixtral.quant import quantize_int4, quantize_int8, quantize_model
 
 GiB = 1 << 30

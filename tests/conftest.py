@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mixtral import MixtralConfig, MixtralForCausalLM, MixtralForSequenceClassification, MixtralModel
-from mixtral.checkpoint import from_state_dict
+from mixtral.loader import from_state_dict
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,7 +8,7 @@ import pytest
 from serve_helpers import tiny_checkpoint
 
 from mixtral.cli import main
-from mixtral.serve.bench import parse_batches
+from mixtral.cli.bench import parse_batches
 
 
 def test_bench_prints_table_and_writes_json(tmp_path, capsys):

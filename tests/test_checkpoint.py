@@ -277,7 +277,7 @@ def test_config_json_roundtrip(tmp_path):
 
 def test_from_state_dict_checks_every_tensor():
     """A transformers state dict in memory loads like files do: renamed, and refused when wrong."""
-    from mixtral.checkpoint import from_state_dict
+    from mixtral.loader import from_state_dict
 
     hm, _ = hf_pair()
     config = MixtralConfig(**tiny_kwargs())

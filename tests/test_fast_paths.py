@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixtral import MixtralConfig, MixtralForCausalLM
-from mixtral.model import RMSNorm, project
+from mixtral.generation import CpuFusedStepper, EagerStepper, choose_stepper, prefill
+from mixtral.kernels import cpu_kernels, reference
+from mixtral.layers import RMSNorm, linear
 from mixtral.moe import experts_cpu, experts_grouped, experts_reference
 
 
@@ -85,7 +87,7 @@ def test_project_matches_linear(rows):
     lin = nn.Linear(83, 37, bias=False)
     x = torch.randn(1, rows, 83)
     with torch.inference_mode():
-        torch.testing.assert_close(project(lin, x), F.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(linear(lin, x), F.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
 
 
 def test_rms_norm_matches_formula():
@@ -116,18 +118,19 @@ def test_fast_model_matches_reference_path(sliding_window):
 
 
 def test_decode_steps_match_full_forward():
-    """Decoding through the cache (kernel paths) gives the logits of one full forward (matrix paths)."""
+    """Decoding through the cache (the chosen stepper's kernels) gives the logits of one full forward
+    (matrix paths)."""
     from mixtral.cache import KVCache
-    from mixtral.generation import decode_step, prefill
 
     model = odd_model(seed=1)
     ids = torch.randint(0, 97, (1, 14))
     with torch.inference_mode():
         full = model(ids).logits[0]
         cache = KVCache.for_model(model.config, 1, capacity=14)
+        stepper = choose_stepper(model)
         steps = [prefill(model, ids[:, :10], None, cache)]
         for t in range(10, 14):
-            steps.append(decode_step(model, ids[:, t], None, cache))
+            steps.append(stepper.step(ids[:, t], cache))
     torch.testing.assert_close(torch.cat(steps), full[9:], rtol=1e-4, atol=1e-4)
 
 
@@ -144,22 +147,61 @@ def test_batched_padded_generation_matches_reference():
     assert torch.equal(out, ref)
 
 
-def decode_logits(model, ids, mask, steps: int, tokens=None):
-    """Prefill then ``steps`` decode steps through a fresh cache; feeds ``tokens`` (B, steps) when
-    given, else the greedy choice. Returns the logits of every step (steps + 1, B, V) and the tokens."""
+def decode_logits(model, ids, mask, steps: int, stepper, tokens=None):
+    """Prefill then ``steps`` decode steps of ``stepper`` through a fresh cache; feeds ``tokens``
+    (steps, B) when given, else the greedy choice. Returns the logits of every step (steps + 1, B, V)
+    and the tokens fed."""
     from mixtral.cache import KVCache
-    from mixtral.generation import decode_step, prefill
 
     B, L = ids.shape
     cache = KVCache.for_model(model.config, B, capacity=L + steps)
     logits = [prefill(model, ids, mask, cache)]
     fed = []
     for t in range(steps):
-        tok = tokens[:, t] if tokens is not None else logits[-1].argmax(-1)
+        tok = tokens[t] if tokens is not None else logits[-1].argmax(-1)
         fed.append(tok)
-        m = None if mask is None else torch.cat([mask, torch.ones(B, t + 1, dtype=mask.dtype)], dim=1)
-        logits.append(decode_step(model, tok, m, cache))
-    return torch.stack(logits), torch.stack(fed, dim=1)
+        logits.append(stepper.step(tok, cache))
+    return torch.stack(logits), torch.stack(fed)
+
+
+class CountingKernels:
+    """The compiled kernels module, counting calls of one of its functions."""
+
+    def __init__(self, real, name: str, calls: list) -> None:
+        self.real, self.name, self.calls = real, name, calls
+
+    def __getattr__(self, attr: str):
+        fn = getattr(self.real, attr)
+        if attr != self.name:
+            return fn
+        return lambda *a: self.calls.append(1) or fn(*a)
+
+
+def count_kernel_calls(monkeypatch, module, chooser: str, name: str) -> list:
+    """Calls of kernel ``name`` through ``module``'s ``chooser`` (``cpu_row_kernels``...) from now on."""
+    calls: list = []
+    real = getattr(module, chooser)
+
+    def counting(*a, **k):
+        ck = real(*a, **k)
+        return CountingKernels(ck, name, calls) if ck is not None else None
+
+    monkeypatch.setattr(module, chooser, counting)
+    return calls
+
+
+def stepper_under_test(model, monkeypatch, whole_step: bool):
+    """``whole_step``: the fused stepper (all layers in one ``decode_layers`` call); otherwise the
+    model's forward, whose layers each run the decode attention kernel. With the call counter."""
+    import mixtral.generation.steppers as steppers
+    import mixtral.model as model_mod
+
+    if whole_step:
+        stepper = choose_stepper(model)
+        assert isinstance(stepper, CpuFusedStepper) == (cpu_kernels() is not None)
+        return stepper, count_kernel_calls(monkeypatch, steppers, "cpu_row_kernels", "decode_layers"), 1
+    calls = count_kernel_calls(monkeypatch, model_mod, "cpu_decode_kernels", "decode_attention")
+    return EagerStepper(model), calls, model.config.num_hidden_layers
 
 
 @pytest.mark.parametrize("sliding_window", [None, 6])
@@ -167,19 +209,10 @@ def decode_logits(model, ids, mask, steps: int, tokens=None):
 @pytest.mark.parametrize("whole_step", [True, False])
 def test_fused_decode_matches_plain_path(sliding_window, padded, whole_step, monkeypatch):
     """The fused decode kernels against the plain path (rotary, cache.update, SDPA with a built
-    mask, the torch router, grouped experts), which runs when autograd is on: same logits per step,
-    same greedy tokens, with left padding and with a rolling sliding-window cache (12 steps > 6).
-    ``whole_step``: all layers in one ``decode_layers`` call; otherwise one layer's experts are set
-    to a path that call does not cover, so layers run one by one with the attention kernel."""
-    import mixtral.model as model_mod
-    from mixtral.kernels.cpu import cpu_kernels
-
+    mask, the torch router, the reference experts: ``mixtral.kernels.reference()``): same logits per
+    step, same greedy tokens, with left padding and with a rolling sliding-window cache (12 steps >
+    6), for the whole-step stepper and for the layer-by-layer forward with the attention kernel."""
     model = odd_model(seed=3, sliding_window=sliding_window, num_key_value_heads=5 if padded else 1)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if not whole_step:
-        model.model.layers[-1].mlp.experts.implementation = "grouped"
-    fn = "decode_layers" if whole_step else "decode_attention"
     torch.manual_seed(4)
     ids = torch.randint(1, 97, (3, 9))
     mask = None
@@ -187,21 +220,12 @@ def test_fused_decode_matches_plain_path(sliding_window, padded, whole_step, mon
         mask = torch.ones(3, 9, dtype=torch.long)
         mask[1, :4] = 0
         mask[2, :8] = 0  # one real token: early decode steps see few keys
-    with torch.enable_grad():  # every fast path is off with autograd on
-        ref, ref_tokens = decode_logits(model, ids, mask, 12)
-    calls = []
-    real = getattr(model_mod, fn)
-
-    def counted(*a):
-        out = real(*a)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(model_mod, fn, counted)
     with torch.inference_mode():
-        fast, _ = decode_logits(model, ids, mask, 12, tokens=ref_tokens)
-        _, fast_tokens = decode_logits(model, ids, mask, 12)
-    per_step = 1 if whole_step else model.config.num_hidden_layers
+        with reference():
+            ref, ref_tokens = decode_logits(model, ids, mask, 12, EagerStepper(model))
+        stepper, calls, per_step = stepper_under_test(model, monkeypatch, whole_step)
+        fast, _ = decode_logits(model, ids, mask, 12, stepper, tokens=ref_tokens)
+        _, fast_tokens = decode_logits(model, ids, mask, 12, stepper)
     assert sum(calls) == (2 * 12 * per_step if cpu_kernels() is not None else 0)
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(fast_tokens, ref_tokens)
@@ -213,47 +237,37 @@ def test_ragged_decode_matches_plain_path(sliding_window, whole_step, monkeypatc
     """The server's step: three requests, each in a cache of its own (prompts of 2, 5 and 9 tokens, so
     their lengths differ and rolling buffers are filled to different levels; the first cache starts
     empty and grows mid-decode), decoded together through ``RaggedDecodeView``. The fused kernels,
-    which write every row into its own cache, against the plain path (autograd on): same logits step
-    after step; and each row against that request decoded alone."""
-    import mixtral.model as model_mod
+    which write every row into its own cache, against the plain path (``reference()``): same logits
+    step after step; and each row against that request decoded alone."""
     from mixtral.cache import KVCache, RaggedDecodeView
-    from mixtral.generation import decode_step
-    from mixtral.kernels.cpu import cpu_kernels
 
     model = odd_model(seed=6, sliding_window=sliding_window)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if not whole_step:
-        model.model.layers[-1].mlp.experts.implementation = "grouped"
     torch.manual_seed(7)
     prompts = [torch.randint(1, 97, (1, n)) for n in (2, 5, 9)]
     steps = 10
 
-    def run(grad: bool, rows: list[int], tokens=None):
-        with torch.set_grad_enabled(grad), torch.inference_mode(not grad):
-            caches, first = [], []
-            for i in rows:
-                cache = KVCache.for_model(model.config, 1, capacity=0 if i == 0 else 20)
-                first.append(model(prompts[i], past_key_values=cache).logits[:, -1].argmax(-1))
-                caches.append(cache)
-            tok, out = torch.cat(first), []
-            for t in range(steps):
-                out.append(decode_step(model, tok, None, RaggedDecodeView(caches)))
-                tok = out[-1].argmax(-1) if tokens is None else tokens[t + 1, rows]
-            return torch.stack(out), torch.cat([torch.cat(first)[None], torch.stack(out).argmax(-1)])
+    def run(stepper, rows: list[int], tokens=None):
+        caches, first = [], []
+        for i in rows:
+            cache = KVCache.for_model(model.config, 1, capacity=0 if i == 0 else 20)
+            first.append(model(prompts[i], past_key_values=cache).logits[:, -1].argmax(-1))
+            caches.append(cache)
+        tok, out = torch.cat(first), []
+        for t in range(steps):
+            out.append(stepper.step(tok, RaggedDecodeView(caches)))
+            tok = out[-1].argmax(-1) if tokens is None else tokens[t + 1, rows]
+        return torch.stack(out), torch.cat([torch.cat(first)[None], torch.stack(out).argmax(-1)])
 
-    ref, tokens = run(True, [0, 1, 2])
-    fn = "decode_layers" if whole_step else "decode_attention"
-    calls = []
-    real = getattr(model_mod, fn)
-    monkeypatch.setattr(model_mod, fn, lambda *a: calls.append(1) or real(*a))
-    fast, _ = run(False, [0, 1, 2], tokens)
-    assert len(calls) == (steps * (1 if whole_step else model.config.num_hidden_layers)
-                          if cpu_kernels() is not None else 0)
-    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
-    for i in range(3):
-        alone, _ = run(False, [i], tokens)
-        torch.testing.assert_close(fast[:, i], alone[:, 0], rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        with reference():
+            ref, tokens = run(EagerStepper(model), [0, 1, 2])
+        stepper, calls, per_step = stepper_under_test(model, monkeypatch, whole_step)
+        fast, _ = run(stepper, [0, 1, 2], tokens)
+        assert len(calls) == (steps * per_step if cpu_kernels() is not None else 0)
+        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+        for i in range(3):
+            alone, _ = run(stepper, [i], tokens)
+            torch.testing.assert_close(fast[:, i], alone[:, 0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("N", [1, 3, 8])
@@ -284,8 +298,8 @@ def test_fused_decode_with_shared_position_ids():
         p.requires_grad_(False)
     ids = torch.randint(0, 97, (2, 5))
     outs = []
-    for grad in (True, False):  # autograd on: the plain path
-        with torch.set_grad_enabled(grad):
+    for plain in (True, False):
+        with reference() if plain else torch.inference_mode():
             cache = KVCache.for_model(model.config, 2, capacity=8)
             model(ids, past_key_values=cache)
             outs.append(model(ids[:, -1:], past_key_values=cache, position_ids=torch.tensor([[5]])).logits)

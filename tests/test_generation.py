@@ -10,9 +10,8 @@ import torch
 from conftest import hf_pair, transformers
 
 from mixtral import KVCache
-from mixtral.generation import TextIteratorStreamer
-from mixtral.generation_config import GenerationConfig
-from mixtral.sampling import SamplingParams, filter_min_p, filter_top_k, filter_top_p, next_token
+from mixtral.generation import GenerationConfig, TextIteratorStreamer
+from mixtral.generation.sampling import SamplingParams, filter_min_p, filter_top_k, filter_top_p, next_token
 
 
 def padded_prompts(lengths=(3, 7, 5), vocab=101, seed=0):
@@ -30,9 +29,10 @@ def force_static_path(monkeypatch, cache_implementation):
     """"static" runs the fixed-shape cache and decode step that CUDA captures as a graph; forced
     here (eagerly) on the CPU, where generate otherwise serves it with the default path."""
     if cache_implementation == "static":
-        import mixtral.generation as generation
+        import mixtral.generation.loop as loop
+        from mixtral.generation import StaticStepper
 
-        monkeypatch.setattr(generation, "static_decode_applies", lambda model, ci: ci == "static")
+        monkeypatch.setattr(loop, "choose_stepper", lambda model, ci: StaticStepper(model, capture=False))
 
 
 @pytest.mark.parametrize("cache_implementation", [None, "static"])

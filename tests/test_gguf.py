@@ -15,7 +15,7 @@ import torch
 from conftest import hf_pair, transformers
 
 from mixtral import MixtralForCausalLM, Tokenizer
-from mixtral.checkpoint.gguf import GGUFSource, _open, gguf_tensors, read_gguf, tokenizer_from_gguf, write_gguf
+from mixtral.checkpoint.gguf import GGUFSource, _open, gguf_tensors, read_gguf, write_gguf
 from mixtral.checkpoint.loading import CheckpointError
 from mixtral.cli import main
 
@@ -246,7 +246,7 @@ def test_llama_sentencepiece_tokenizer_round_trip(tmp_path):
     tok = Tokenizer(sp, chat_template=TEMPLATE)
     _, ours = hf_pair(vocab_size=440)
     write_gguf(ours, tok, tmp_path / "s.gguf", type="F32")
-    back = tokenizer_from_gguf(tmp_path / "s.gguf")
+    back = Tokenizer.from_gguf(tmp_path / "s.gguf")
     for text in PROBES[:4] + ["experts experts fox", "a\nb", "🙂 byte fallback ☃"]:
         assert back.encode(text) == [sp.bos_id()] + sp.encode(text), text  # sentencepiece itself
         assert back.decode(back.encode(text), skip_special_tokens=True) == sp.decode(sp.encode(text))

@@ -24,9 +24,9 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton", reason="triton not installed (pip install 'triton==3.9.0', the gpu extra)")
 
-from mixtral.cache import KVCache, StepLayout  # noqa: E402
+from mixtral.cache import KVCache, StaticCache, StepLayout  # noqa: E402
+from mixtral.generation.cuda_graph import decode_step, graph_unsafe_modules  # noqa: E402
 from mixtral.kernels.attention import attention  # noqa: E402
-from mixtral.kernels.cuda_graph import StaticCache, decode_step, graph_unsafe_modules  # noqa: E402
 from mixtral.kernels.fused_moe import (  # noqa: E402
     fused_experts,
     fused_experts_quantized,
@@ -267,7 +267,7 @@ def test_decode_step_compiles_whole(monkeypatch, fmt):
 
     import mixtral.quant as quant
     from mixtral import MixtralConfig, MixtralForCausalLM
-    from mixtral.kernels.cuda_graph import compiled_decode_step
+    from mixtral.generation.cuda_graph import compiled_decode_step
 
     torch._dynamo.reset()
     monkeypatch.setattr(quant, "triton_applies", lambda x: not torch.is_grad_enabled())
@@ -311,7 +311,7 @@ def test_kept_graphs_follow_the_weights():
     from conftest import tiny_kwargs
 
     from mixtral import MixtralConfig, MixtralForCausalLM
-    from mixtral.kernels import cuda_graph
+    from mixtral.generation import cuda_graph
 
     model = MixtralForCausalLM(MixtralConfig(**tiny_kwargs()))
     before = cuda_graph.weights_key(model)
@@ -603,13 +603,11 @@ def test_graph_decode_matches_eager_decode():
     from conftest import tiny_kwargs
 
     from mixtral import MixtralConfig, MixtralForCausalLM
-    from mixtral.kernels.cuda_graph import generate_with_graph
-
     torch.manual_seed(0)
     config = MixtralConfig(**tiny_kwargs())
     model = MixtralForCausalLM(config).to("cuda").eval()
     ids = torch.randint(0, config.vocab_size, (2, 5), device="cuda")
-    got = generate_with_graph(model, ids, 6)
+    got = model.generate(ids, max_new_tokens=6, eos_token_id=[], cache_implementation="static")[:, 5:]
     want = model.generate(ids, max_new_tokens=6, eos_token_id=[])[:, 5:]
     assert torch.equal(got, want)
 
@@ -621,7 +619,7 @@ def test_generate_with_static_cache_replays_graphs_on_gpu():
     from conftest import tiny_kwargs
 
     from mixtral import MixtralConfig, MixtralForCausalLM
-    from mixtral.kernels import cuda_graph
+    from mixtral.generation import cuda_graph
 
     torch.manual_seed(0)
     cuda_graph.clear_graph_decoders()
@@ -642,13 +640,11 @@ def test_int8_graph_decode_matches_eager_decode():
     from conftest import tiny_kwargs
 
     from mixtral import MixtralConfig, MixtralForCausalLM
-    from mixtral.kernels.cuda_graph import generate_with_graph
-
     torch.manual_seed(0)
     config = MixtralConfig(**tiny_kwargs())
     model = quantize_model(MixtralForCausalLM(config).eval(), "int8").to("cuda")
     ids = torch.randint(0, config.vocab_size, (2, 5), device="cuda")
-    got = generate_with_graph(model, ids, 6)
+    got = model.generate(ids, max_new_tokens=6, eos_token_id=[], cache_implementation="static")[:, 5:]
     want = model.generate(ids, max_new_tokens=6, eos_token_id=[])[:, 5:]
     assert torch.equal(got, want)
 
@@ -669,7 +665,9 @@ def test_model_with_layout_attention_matches_sdpa(monkeypatch, window):
     ids = torch.randint(1, 61, (2, 7))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
-    monkeypatch.setattr(model_module, "uses_layout_attention", lambda impl, x: impl == "flash_attention_2")
+    real_path = model_module.attention_path
+    monkeypatch.setattr(model_module, "attention_path",
+                        lambda impl, *a: "layout" if impl == "flash_attention_2" else real_path(impl, *a))
     with torch.no_grad():
         a = ref(ids, attention_mask=mask).logits
         b = fa(ids, attention_mask=mask).logits

@@ -76,6 +76,27 @@ def test_causal_lm_matches_transformers(case, attn):
             close(x.transpose(1, 2)[real], y.transpose(1, 2)[real])  # real queries
 
 
+@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("pad_labels", ["ignored", "targets"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_left_padded_loss_matches_transformers_backend(attn, pad_labels, window):
+    """The same attention implementation on both sides, and every position compared, padding too:
+    the last padding position of a row predicts its first real token, so the loss reads the logits
+    of queries that may see no key. transformers' eager and sdpa disagree about those rows (eager's
+    additive finfo.min mask averages all values uniformly, SDPA's boolean mask gives zeros), so each
+    backend is compared with its own counterpart."""
+    hm, m = hf_pair(attn=attn, hf_attn=attn, pad_token_id=0, sliding_window=window)
+    ids, mask = left_padded()
+    labels = ids.masked_fill(mask == 0, -100) if pad_labels == "ignored" else ids
+    with torch.no_grad():
+        a = hm(ids, attention_mask=mask, position_ids=hf_position_ids(mask), labels=labels,
+               output_router_logits=True)
+        b = m(ids, attention_mask=mask, labels=labels, output_router_logits=True)
+    close(a.loss, b.loss)
+    close(a.aux_loss, b.aux_loss)
+    close(a.logits, b.logits)
+
+
 def test_unpadded_batch_matches_without_position_ids():
     hm, m = hf_pair(sliding_window=3)
     ids = torch.randint(0, 101, (2, 12))

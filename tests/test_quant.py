@@ -250,12 +250,13 @@ def test_int8_activations_decode_close_to_fp32_activations(mode):
         tokens = exact.generate(ids, max_new_tokens=6)
         want = exact(tokens).logits[:, 5:-1]  # position t predicts token t + 1
         from mixtral.cache import KVCache
-        from mixtral.generation import decode_step, prefill
+        from mixtral.generation import choose_stepper, prefill
 
         cache = KVCache.for_model(fast.config, 1)
+        stepper = choose_stepper(fast)
         steps = [prefill(fast, tokens[:, :6], None, cache)]
         for t in range(6, tokens.shape[1] - 1):
-            steps.append(decode_step(fast, tokens[:, t], None, cache))
+            steps.append(stepper.step(tokens[:, t], cache))
         got = torch.stack(steps, dim=1)
     assert ((got - want).norm() / want.norm()).item() < 0.05
 
@@ -326,30 +327,41 @@ def test_cli_quantize(tmp_path):
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_whole_step_decode_matches_layer_by_layer(mode, monkeypatch):
-    """The one-call decode of all layers (``decode_layers``) against the same quantized kernels run
-    layer by layer (int8 activations in both): same logits, same greedy tokens."""
-    import mixtral.model as model_mod
+    """The fused stepper (one ``decode_layers`` call for all layers) against the model's forward
+    running the same quantized kernels layer by layer (int8 activations in both): same logits,
+    same greedy tokens."""
+    import mixtral.generation.steppers as steppers
     from mixtral.cache import KVCache
-    from mixtral.generation import decode_step, prefill
-    from mixtral.kernels.cpu import cpu_kernels
+    from mixtral.generation import CpuFusedStepper, EagerStepper, choose_stepper, prefill
+    from mixtral.kernels import cpu_kernels
 
     model = quantize_model(small_model(seed=6), mode, group_size=32, lm_head=True)
     ids = torch.randint(0, 113, (2, 5))
 
-    def run():
+    def run(stepper):
         cache = KVCache.for_model(model.config, 2)
         logits = [prefill(model, ids, None, cache)]
         for _ in range(6):
-            logits.append(decode_step(model, logits[-1].argmax(-1), None, cache))
+            logits.append(stepper.step(logits[-1].argmax(-1), cache))
         return torch.stack(logits)
 
     calls = []
-    real = model_mod.decode_layers
-    monkeypatch.setattr(model_mod, "decode_layers", lambda *a: calls.append(1) or real(*a))
+    real = steppers.cpu_row_kernels
+
+    class Counting:
+        def __init__(self, ck):
+            self.ck = ck
+
+        def __getattr__(self, name):
+            fn = getattr(self.ck, name)
+            return (lambda *a: calls.append(1) or fn(*a)) if name == "decode_layers" else fn
+
+    monkeypatch.setattr(steppers, "cpu_row_kernels", lambda x: Counting(real(x)) if real(x) is not None else None)
     with torch.inference_mode():
-        fused = run()
-        monkeypatch.setattr(model_mod, "decode_layers", lambda *a: None)
-        per_layer = run()
+        fused_stepper = choose_stepper(model)
+        assert isinstance(fused_stepper, CpuFusedStepper) == (cpu_kernels() is not None)
+        fused = run(fused_stepper)
+        per_layer = run(EagerStepper(model))
     assert len(calls) == (6 if cpu_kernels() is not None else 0)
     torch.testing.assert_close(fused, per_layer, rtol=1e-4, atol=1e-4)
 

@@ -16,7 +16,7 @@ import torch
 from serve_helpers import free_port, tiny_checkpoint
 
 from mixtral import MixtralForCausalLM, Tokenizer
-from mixtral.sampling import SamplingParams
+from mixtral.generation import SamplingParams
 from mixtral.serve.engine import Detokenizer, Engine, Request, run_to_completion, wait_all
 
 openai = pytest.importorskip("openai")

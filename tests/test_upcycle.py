@@ -10,8 +10,8 @@ from conftest import transformers
 
 from mixtral import MixtralForCausalLM
 from mixtral.checkpoint.loading import CheckpointError
-from mixtral.checkpoint.upcycle import upcycle
 from mixtral.cli import main
+from mixtral.loader import upcycle
 
 IDS = torch.tensor([[3, 17, 42, 99, 5, 64, 11, 2, 80, 33, 7, 8]])
 DENSE = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -35,7 +35,7 @@ def dense_dir(tmp_path, kind: str = "llama", **kw):
                                      ("mistral", {"sliding_window": 4})])
 def test_exact_copies_equal_the_dense_model(tmp_path, kind, kw):
     hm, path = dense_dir(tmp_path, kind, **kw)
-    model = upcycle(path, experts=4, top_k=2, seed=3)
+    model = upcycle(MixtralForCausalLM, path, experts=4, top_k=2, seed=3)
     assert model.config.num_local_experts == 4 and model.config.num_experts_per_tok == 2
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, hm(IDS).logits, atol=1e-5, rtol=1e-5)
@@ -47,11 +47,11 @@ def test_exact_copies_equal_the_dense_model(tmp_path, kind, kw):
 
 def test_seed_and_noise(tmp_path):
     hm, path = dense_dir(tmp_path)
-    a, b, c = upcycle(path, 4, 2, seed=1), upcycle(path, 4, 2, seed=1), upcycle(path, 4, 2, seed=2)
+    a, b, c = (upcycle(MixtralForCausalLM, path, 4, 2, seed=s) for s in (1, 1, 2))
     gate = "model.layers.1.mlp.gate.weight"
     assert torch.equal(a.state_dict()[gate], b.state_dict()[gate])
     assert not torch.equal(a.state_dict()[gate], c.state_dict()[gate])
-    noisy = upcycle(path, 4, 2, noise=1e-3, seed=1)
+    noisy = upcycle(MixtralForCausalLM, path, 4, 2, noise=1e-3, seed=1)
     experts = noisy.model.layers[0].mlp.experts.gate_up_proj
     dense = hm.model.layers[0].mlp.gate_proj.weight
     assert not torch.equal(experts[0], experts[1])
@@ -74,10 +74,10 @@ def test_rejects_what_it_cannot_upcycle(tmp_path, capsys):
     cfg = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps(cfg | {"model_type": "gpt2"}))
     with pytest.raises(CheckpointError, match=r"config\.json: model_type 'gpt2' is not a dense Llama/Mistral"):
-        upcycle(path)
+        upcycle(MixtralForCausalLM, path)
     (path / "config.json").write_text(json.dumps(cfg | {"mlp_bias": True}))
     with pytest.raises(CheckpointError, match="mlp_bias"):
-        upcycle(path)
+        upcycle(MixtralForCausalLM, path)
     (path / "config.json").write_text(json.dumps(cfg))
     assert main(["upcycle", str(path), str(tmp_path / "x"), "--experts", "2", "--top-k", "3"]) == 2
     assert "num_experts_per_tok (3) cannot exceed num_local_experts (2)" in capsys.readouterr().err

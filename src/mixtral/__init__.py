@@ -2,7 +2,7 @@
 
 from .cache import KVCache
 from .config import MixtralConfig
-from .generation_config import GenerationConfig
+from .generation import GenerationConfig
 from .model import MixtralForCausalLM, MixtralForSequenceClassification, MixtralModel
 from .moe import load_balancing_loss
 from .tokenizer import Tokenizer

@@ -20,7 +20,11 @@ Two layouts, one class:
   Attention is order-free given the mask, so slots never need rotating.
 
 ``RaggedDecodeView`` presents several batch-1 caches (the server's requests, each at its own length)
-as one cache of B rows for a decode step.
+as one cache of B rows for a decode step. ``StaticCache`` is the fixed-shape form a captured CUDA
+graph decodes over: the same protocol, written with tensor indices only (no host synchronisation).
+
+The protocol every cache follows, once per forward step: ``layout = cache.begin(new_valid, T)``;
+each layer's ``keys, values = cache.update(layer, k, v)``; ``cache.end()``.
 """
 
 from __future__ import annotations
@@ -92,7 +96,7 @@ class KVCache:
         self.row_positions = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         size = window if window is not None else capacity
         self._alloc(size)
-        self._layout: StepLayout | None = None
+        self.layout: StepLayout | None = None  # the step's, between begin and end
         self._chunk = 0
 
     @classmethod
@@ -167,14 +171,14 @@ class KVCache:
             key_index = torch.cat([self.slot_index[:filled], query_index])
             key_valid = torch.cat([self.slot_valid[:, :filled], new_valid], dim=1)
             all_valid = False  # empty slots are masked through key_index
-        self._layout = StepLayout(key_index, key_valid, query_index, all_valid)
+        self.layout = StepLayout(key_index, key_valid, query_index, all_valid)
         self._chunk = T
         self._new_valid = new_valid
-        return self._layout
+        return self.layout
 
     def decode_rows(self) -> DecodeRows | None:
         """For a one-token step: where the decode kernels write each row's new key and what it attends
-        over, matching what ``update`` would write and return (``model.decode_attention``); None for a
+        over, matching what ``update`` would write and return (the CPU decode kernels); None for a
         chunk of several tokens."""
         if self._chunk != 1:
             return None
@@ -214,7 +218,7 @@ class KVCache:
             self.slot_valid[:, slots] = self._new_valid[:, T - keep :]
         self.row_positions += self._new_valid.sum(dim=1)
         self.seen = n + T
-        self._layout = None
+        self.layout = None
 
     # -- batch surgery (used by generation and the server) ------------------------------------------
     def reorder(self, rows: torch.Tensor) -> None:
@@ -274,7 +278,7 @@ class RaggedDecodeView:
         self.dtype = self.caches[0].dtype
         self.batch_size = len(self.caches)
         self._lengths: list[int] = []
-        self._layout: StepLayout | None = None
+        self.layout: StepLayout | None = None
 
     @property
     def row_positions(self) -> torch.Tensor:
@@ -296,8 +300,8 @@ class RaggedDecodeView:
             key_valid[i, : self._lengths[i]] = lay.key_valid[0] & (lay.key_index >= 0)
         zeros = torch.zeros(S, dtype=torch.long, device=device)
         all_valid = len(set(self._lengths)) == 1 and bool(key_valid.all())
-        self._layout = StepLayout(zeros, key_valid, zeros[:1], all_valid)
-        return self._layout
+        self.layout = StepLayout(zeros, key_valid, zeros[:1], all_valid)
+        return self.layout
 
     def decode_rows(self) -> DecodeRows:
         """Each row in its own cache, at its own slot and length; the query index is 0, as in the
@@ -322,4 +326,99 @@ class RaggedDecodeView:
     def end(self) -> None:
         for c in self.caches:
             c.end()
-        self._layout = None
+        self.layout = None
+
+
+class StaticCache:
+    """Fixed-shape keys/values for all layers, for a captured decode step: k[layer] is (B, nkv, C, hd),
+    C = the window when rolling. Token ``n`` goes to slot ``n`` (``n % C`` when rolling), as in
+    ``KVCache``; the slot and token counters are tensors, so a graph replays the step's bookkeeping
+    along with its kernels. One token per step (``begin(new_valid, 1)``).
+
+    The prompt is prefilled into an ordinary ``KVCache`` and copied in by ``load``. Cost to know
+    about: attention reads the whole capacity every step, so size it to the generation, not to the
+    model's maximum context.
+    """
+
+    def __init__(self, config, batch_size: int, capacity: int, dtype: torch.dtype, device) -> None:
+        self.window = config.sliding_window
+        self.dtype = dtype
+        C = self.window if self.window is not None else capacity
+        shape = (batch_size, config.num_key_value_heads, C, config.dim_per_head)
+        L = config.num_hidden_layers
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(L)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(L)]
+        self.slot_token = torch.full((C,), -1, dtype=torch.long, device=device)  # token index held
+        self.slot_valid = torch.zeros(batch_size, C, dtype=torch.bool, device=device)
+        self.seen = torch.zeros((), dtype=torch.long, device=device)
+        self.row_positions = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._all_valid = torch.ones(batch_size, 1, dtype=torch.bool, device=device)
+        self._slot = torch.zeros(1, dtype=torch.long, device=device)
+        self._new_valid = self._all_valid
+        self.layout: StepLayout | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.slot_token.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.slot_valid.shape[0]
+
+    def reset(self) -> None:
+        self.slot_token.fill_(-1)
+        self.slot_valid.zero_()
+        self.seen.zero_()
+        self.row_positions.zero_()
+
+    def load(self, cache: KVCache) -> None:
+        """Copy a prefilled ``KVCache`` in place (same tensors, so captured graphs stay valid)."""
+        if cache.window != self.window or cache.capacity > self.capacity or cache.batch_size != self.batch_size:
+            raise ValueError(f"cache (window {cache.window}, capacity {cache.capacity}, batch {cache.batch_size}) "
+                             f"does not fit a static cache (window {self.window}, capacity {self.capacity}, "
+                             f"batch {self.batch_size})")
+        self.reset()
+        n = cache.capacity
+        for dst, src in zip(self.k + self.v, cache.k + cache.v):
+            dst[:, :, :n].copy_(src)
+        self.slot_token[:n].copy_(cache.slot_index)
+        self.slot_valid[:, :n].copy_(cache.slot_valid)
+        self.seen.fill_(cache.seen)
+        self.row_positions.copy_(cache.row_positions)
+
+    def begin(self, new_valid: torch.Tensor | None, num_new: int) -> StepLayout:
+        if num_new != 1:
+            raise ValueError("StaticCache decodes one token per step")
+        n = self.seen
+        self._slot = (n % self.capacity if self.window is not None else n).view(1)
+        self._new_valid = self._all_valid if new_valid is None else new_valid.reshape(-1, 1)
+        self.slot_token.index_copy_(0, self._slot, n.view(1))
+        self.slot_valid.index_copy_(1, self._slot, self._new_valid)
+        self.layout = StepLayout(self.slot_token, self.slot_valid, n.view(1), False)
+        return self.layout
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, nkv, 1, hd) written at the step's slot; returns the whole buffers (B, nkv, C, hd)."""
+        return self.layer_view(layer).update(layer, k, v)
+
+    def end(self) -> None:
+        self.seen += 1
+        self.row_positions += self._new_valid[:, 0].long()
+        self.layout = None
+
+    def layer_view(self, layer: int) -> StaticLayerView:
+        """Layer ``layer``'s buffers behind the same ``update``, for a step compiled once for all
+        layers: the compiled code then sees tensors, not a layer number it would specialize on."""
+        return StaticLayerView(self.k[layer], self.v[layer], self._slot)
+
+
+@dataclass
+class StaticLayerView:
+    k: torch.Tensor
+    v: torch.Tensor
+    slot: torch.Tensor
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k.index_copy_(2, self.slot, k)
+        self.v.index_copy_(2, self.slot, v)
+        return self.k, self.v

@@ -114,8 +114,15 @@ class MixtralConfig:
 
     # -- validation -----------------------------------------------------------------------------
     def validate(self) -> None:
+        """Raise ValueError naming the first field that is of the wrong type or out of range."""
         # Types first: a config.json string such as "false" or "1e-5" must not pass as a value
         # (the string "false" is truthy, so it would tie the output head to the embeddings).
+        self._validate_types()
+        self._validate_shapes()
+        self._validate_values()
+
+    def _validate_types(self) -> None:
+        """The flags are booleans, the hyperparameters numbers, the special tokens ids or null."""
         for name in ("use_cache", "tie_word_embeddings", "output_router_logits", "output_hidden_states",
                      "output_attentions", "return_dict"):
             if not isinstance(getattr(self, name), bool):
@@ -133,6 +140,9 @@ class MixtralConfig:
         if eos is not None and not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
                                        for t in (eos if isinstance(eos, list) else [eos])):
             raise ValueError(f"MixtralConfig.eos_token_id must be a token id or a list of them, got {eos!r}")
+
+    def _validate_shapes(self) -> None:
+        """The sizes are positive integers that fit together (heads, key-value groups, experts)."""
         positive = (
             "vocab_size",
             "hidden_size",
@@ -168,6 +178,9 @@ class MixtralConfig:
                 f"MixtralConfig.num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed "
                 f"num_local_experts ({self.num_local_experts})"
             )
+
+    def _validate_values(self) -> None:
+        """The activation, sliding window, rates and problem type are ones the model knows."""
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"MixtralConfig.hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
         if self.sliding_window is not None and (

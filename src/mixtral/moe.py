@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import cpu_row_kernels, triton_applies, using_reference
+
 ACT_FNS = {
     "silu": F.silu,
     "swish": F.silu,
@@ -38,16 +40,12 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, H) -> logits (N, E) in x's dtype, weights (N, K) fp32, ids (N, K).
 
-        Decode on CPU (a few fp32 rows, no autograd): the whole router in one kernel call, since its
-        five small torch ops cost more than the 8 x H products. Same numbers up to float rounding."""
-        if (x.shape[0] <= 8 and x.dtype == torch.float32 and self.weight.dtype == torch.float32
-                and x.device.type == "cpu" and not torch.is_grad_enabled()):
-            from .kernels.cpu import cpu_kernels
-
-            ck = cpu_kernels()
-            if ck is not None:
-                logits, weights, ids = ck.route(x.contiguous(), self.weight.contiguous(), self.top_k)
-                return logits, weights, ids
+        Decode on CPU: the whole router in one kernel call, since its five small torch ops cost
+        more than the E x H products at a few rows. Same numbers up to float rounding."""
+        ck = cpu_row_kernels(x) if self.weight.dtype == torch.float32 else None
+        if ck is not None:
+            logits, weights, ids = ck.route(x.contiguous(), self.weight.contiguous(), self.top_k)
+            return logits, weights, ids
         logits = F.linear(x, self.weight)
         probs = torch.softmax(logits.float(), dim=-1)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
@@ -139,14 +137,12 @@ def experts_grouped_by(x, ids, weights, gate_up_of, down_of, num_experts: int, a
 
 
 def experts_triton(x, ids, weights, gate_up_proj, down_proj, act=F.silu) -> torch.Tensor:
-    """The fused Triton kernel (``mixtral.kernels.fused_moe``), imported on first use: CPU installs need
-    no Triton. SiLU experts only; no host synchronisation, so it can be captured in a CUDA graph."""
+    """The fused Triton kernel (``mixtral.kernels.fused_moe``). SiLU experts only; no host
+    synchronisation, so it can be captured in a CUDA graph."""
+    # Imported on first use: Triton is an optional dependency, absent from CPU installs.
     from .kernels.fused_moe import fused_experts
 
     return fused_experts(x, ids, weights, gate_up_proj, down_proj, act)
-
-
-CPU_KERNEL_MAX_TOKENS = 8  # beyond this, grouped matrix products beat matrix-vector kernels
 
 
 def experts_cpu(
@@ -163,14 +159,10 @@ def experts_cpu(
     tokens only: prefill (many tokens) and anything the kernel does not cover (not fp32 on CPU, an
     activation other than SiLU, no compiler) goes to ``experts_grouped``.
     """
-    if (x.shape[0] <= CPU_KERNEL_MAX_TOKENS and x.device.type == "cpu" and x.dtype == torch.float32
-            and gate_up_proj.dtype == torch.float32 and act is F.silu and not torch.is_grad_enabled()):
-        from .kernels.cpu import cpu_kernels
-
-        ck = cpu_kernels()
-        if ck is not None:
-            return ck.experts(x.contiguous(), ids.long().contiguous(), weights.float().contiguous(),
-                              [gate_up_proj.contiguous()], [down_proj.contiguous()], False)
+    ck = cpu_row_kernels(x) if gate_up_proj.dtype == torch.float32 and act is F.silu else None
+    if ck is not None:
+        return ck.experts(x.contiguous(), ids.long().contiguous(), weights.float().contiguous(),
+                          [gate_up_proj.contiguous()], [down_proj.contiguous()], False)
     return experts_grouped(x, ids, weights, gate_up_proj, down_proj, act)
 
 
@@ -180,14 +172,14 @@ EXPERT_IMPLEMENTATIONS = {
 
 
 def default_implementation(x: torch.Tensor, act) -> str:
-    """The Triton kernel for SiLU experts on CUDA without autograd (it has no backward) when Triton
-    is installed; otherwise "grouped". So on a GPU, run inference under ``torch.inference_mode()``."""
-    if not x.is_cuda or act is not F.silu or torch.is_grad_enabled():
-        # CPU decode: "cpu" runs the AVX2 kernel for a few fp32 tokens and is "grouped" otherwise.
-        return "cpu" if x.device.type == "cpu" and not torch.is_grad_enabled() else "grouped"
-    from .kernels import triton_available
-
-    return "triton" if triton_available() else "grouped"
+    """The Triton kernel for SiLU experts where ``triton_applies`` (so on a GPU, run inference under
+    ``torch.inference_mode()``); "cpu" on the CPU outside autograd (the row kernel for a few fp32
+    tokens, grouped products otherwise); "grouped" elsewhere; "reference" inside ``reference()``."""
+    if using_reference():
+        return "reference"
+    if act is F.silu and triton_applies(x):
+        return "triton"
+    return "cpu" if x.device.type == "cpu" and not torch.is_grad_enabled() else "grouped"
 
 
 class Experts(nn.Module):
@@ -208,6 +200,16 @@ class Experts(nn.Module):
         name = default_implementation(x, self.act) if self.implementation == "auto" else self.implementation
         fn = EXPERT_IMPLEMENTATIONS[name]
         return fn(x, ids, weights, self.gate_up_proj, self.down_proj, self.act)
+
+    def kernel_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor], bool | None] | None:
+        """(gate_up, down, int8 activations: None for float) as the CPU kernels take them, or None
+        where they do not cover these experts (another dtype or activation, a forced path)."""
+        params = self._parameters
+        gate_up, down = params["gate_up_proj"], params["down_proj"]
+        if (self.act is not F.silu or self.implementation not in ("auto", "cpu") or gate_up.dtype != torch.float32
+                or down.dtype != torch.float32):
+            return None
+        return [gate_up.contiguous()], [down.contiguous()], None
 
 
 class SparseMoeBlock(nn.Module):

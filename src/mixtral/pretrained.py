@@ -12,15 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from .checkpoint import hf
 from .config import MixtralConfig
-
-if TYPE_CHECKING:
-    from .model import MixtralModel
+from .loader import load_pretrained
+from .quant.checkpoint import prepare, save_quantized
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 
@@ -43,6 +43,7 @@ class MixtralPreTrainedModel(nn.Module):
 
     config_class = MixtralConfig
     base_model_prefix = "model"
+    checkpoint_prefix = ""  # what parameter names lack against checkpoint keys (see mixtral.loader)
     # What transformers' Trainer, accelerate and PEFT read off a PreTrainedModel.
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
@@ -96,7 +97,7 @@ class MixtralPreTrainedModel(nn.Module):
                 embed.weight[self.config.pad_token_id].zero_()
 
     # -- transformers' model utilities -----------------------------------------------------------
-    def get_decoder(self) -> MixtralModel:
+    def get_decoder(self) -> nn.Module:
         return getattr(self, self.base_model_prefix)
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -234,8 +235,6 @@ class MixtralPreTrainedModel(nn.Module):
         ``low_cpu_mem_usage``/``trust_remote_code``/``use_safetensors``, which change nothing here
         (loading is always lazy and local code only; only safetensors and GGUF are read).
         """
-        from .checkpoint import load_pretrained
-
         if "torch_dtype" in kwargs:
             dtype = kwargs.pop("torch_dtype")
         device = _device_of(kwargs.pop("device_map", None), device)
@@ -273,21 +272,15 @@ class MixtralPreTrainedModel(nn.Module):
         if getattr(self, "quantization_config", None) is not None:
             if state_dict is not None:
                 raise ValueError("save_pretrained: state_dict= is not supported for a quantized model")
-            from .quant.checkpoint import save_quantized
-
             save_quantized(self, Path(directory))
             return
-        from .checkpoint.hf import save_pretrained
-
-        save_pretrained(self, directory, max_shard_size=max_shard_size, state_dict=state_dict)
+        hf.save_pretrained(self, directory, max_shard_size=max_shard_size, state_dict=state_dict)
 
     def prepare_for_checkpoint(self, rules, source, device) -> set[str]:
         """Before float weights load: a quantized checkpoint swaps in quantized modules, filled from
         ``source``; returns the checkpoint keys consumed that way."""
         if getattr(rules, "quantized", None) is None:
             return set()
-        from .quant.checkpoint import prepare
-
         return prepare(self, rules, source, device)
 
 

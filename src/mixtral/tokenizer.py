@@ -1,4 +1,5 @@
-"""Tokenizers: ``tokenizer.json`` through the ``tokenizers`` library, or a SentencePiece ``tokenizer.model``.
+"""Tokenizers: ``tokenizer.json`` through the ``tokenizers`` library, a SentencePiece ``tokenizer.model``,
+or the vocabulary in a GGUF file's metadata (``Tokenizer.from_gguf``).
 
 The interface is the part of transformers' (v5) tokenizers that Mixtral users call: ``tok(texts,
 return_tensors="pt", padding=True)``, ``encode``/``decode``/``batch_decode``/``tokenize`` and
@@ -21,6 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .checkpoint import CheckpointError, resolve_path
+from .checkpoint.gguf import BYTE, CONTROL, NORMAL, UNUSED, USER_DEFINED, gguf_metadata
+from .checkpoint.loading import read_json
 
 VERY_LARGE_INTEGER = int(1e30)  # transformers' model_max_length when tokenizer_config.json names none
 LARGE_INTEGER = int(1e20)  # above this, model_max_length means "no limit" for padding and truncation
@@ -105,18 +110,13 @@ class Tokenizer:
         ``model_max_length``, ``add_eos_token``, ...), as in transformers; ``use_fast``,
         ``trust_remote_code``, ``legacy`` and hub-download options are accepted and ignored.
         """
-        from .checkpoint import CheckpointError, resolve_path
-        from .checkpoint.loading import read_json
-
         unknown = set(kwargs) - _INIT_KWARGS - _IGNORED_LOAD_KWARGS
         if unknown:
             raise TypeError(f"Tokenizer.from_pretrained() got unexpected keyword arguments: {sorted(unknown)}")
         overrides = {k: v for k, v in kwargs.items() if k in _INIT_KWARGS}
         path = resolve_path(path)
         if path.is_file() and path.suffix == ".gguf":
-            from .checkpoint.gguf import tokenizer_from_gguf
-
-            tok = tokenizer_from_gguf(path)
+            tok = cls.from_gguf(path)
             for k, v in overrides.items():
                 setattr(tok, k, v)
             return tok
@@ -125,44 +125,55 @@ class Tokenizer:
         config: dict[str, Any] = {}
         if (path / "tokenizer_config.json").exists():
             config = read_json(path / "tokenizer_config.json")  # bad JSON: an error naming the file
-        template = config.get("chat_template")
-        if isinstance(template, list):  # named templates: take the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
-        if (path / "chat_template.jinja").exists():
-            template = (path / "chat_template.jinja").read_text()
-        elif (path / "chat_template.json").exists():
-            template = read_json(path / "chat_template.json").get("chat_template", template)
-        init = dict(
-            bos_token=_token_text(config.get("bos_token", "<s>")),
-            eos_token=_token_text(config.get("eos_token", "</s>")),
-            unk_token=_token_text(config.get("unk_token", "<unk>")),
-            pad_token=_token_text(config.get("pad_token")),
-            chat_template=template,
-            padding_side="right" if config.get("padding_side") == "right" else "left",
-            model_max_length=int(config.get("model_max_length") or VERY_LARGE_INTEGER),
-            clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
-        )
+        init = _init_from_config(config, path)
         if (path / "tokenizer.json").exists():
-            from tokenizers import Tokenizer as HFTokenizer
-
-            try:
-                backend = HFTokenizer.from_file(str(path / "tokenizer.json"))
-            except Exception as e:  # tokenizers raises a bare Exception that names no file
-                raise CheckpointError(f"{path / 'tokenizer.json'}: not a readable tokenizers file ({e})") from e
-            backend.no_padding()
-            backend.no_truncation()
             # The config's add_bos_token/add_eos_token are ignored here: the post-processor decides.
-            return cls(backend, **{**init, **overrides})
+            return cls(_read_tokenizer_json(path / "tokenizer.json"), **{**init, **overrides})
         if (path / "tokenizer.model").exists():
-            import sentencepiece as spm
-
-            try:
-                sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
-            except (OSError, RuntimeError) as e:
-                raise CheckpointError(f"{path / 'tokenizer.model'}: not a readable SentencePiece model ({e})") from e
             init.update(add_bos_token=config.get("add_bos_token", True), add_eos_token=config.get("add_eos_token"))
-            return cls(sp, **{**init, **overrides})
+            return cls(_read_sentencepiece(path / "tokenizer.model"), **{**init, **overrides})
         raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model found")
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> Tokenizer:
+        """The vocabulary a GGUF file carries in its metadata."""
+        return cls.from_gguf_metadata(gguf_metadata(path), str(path))
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: Mapping[str, Any], origin: str = "GGUF") -> Tokenizer:
+        """From GGUF ``tokenizer.*`` metadata: a ``gpt2`` vocabulary as byte-level BPE with its merges,
+        a ``llama`` one as SentencePiece-style BPE with byte fallback, merges ranked by piece score
+        (llama.cpp's own SPM tokenizer merges the best-scoring pair first, which this ranking
+        reproduces). ``origin`` names the file in errors."""
+        from tokenizers import AddedToken
+
+        kind = meta.get("tokenizer.ggml.model")
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if kind is None or tokens is None:
+            raise CheckpointError(f"{origin}: no tokenizer vocabulary in the metadata (tokenizer.ggml.tokens)")
+        types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+
+        def token(key: str) -> str | None:
+            i = meta.get(f"tokenizer.ggml.{key}_token_id")
+            return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+        unk = token("unknown")
+        if kind == "gpt2":
+            backend, add_bos_default = _gguf_byte_level_bpe(meta, tokens), False
+        elif kind == "llama":
+            backend, add_bos_default = _gguf_sentencepiece_bpe(meta, tokens, types, unk, origin), True
+        else:
+            raise CheckpointError(f"{origin}: tokenizer model {kind!r} is not supported (only 'gpt2' and 'llama')")
+        backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
+                            for i, t in enumerate(types) if t == USER_DEFINED])
+        backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                                    for i, t in enumerate(types) if t == CONTROL])
+        return cls(
+            backend, bos_token=token("bos"), eos_token=token("eos"), unk_token=unk, pad_token=token("padding"),
+            chat_template=meta.get("tokenizer.chat_template"),
+            add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)),
+            add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        )
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -453,14 +464,7 @@ class Tokenizer:
         masks = [[1] * len(r) for r in rows]
         if pad is not None:
             width = max_length if pad == "max_length" else max((len(r) for r in rows), default=0)
-            side = padding_side or self.padding_side
-            for r, m in zip(rows, masks):
-                n = width - len(r)
-                if side == "left":
-                    r[:0], m[:0] = [self.pad_token_id] * n, [0] * n
-                else:
-                    r += [self.pad_token_id] * n
-                    m += [0] * n
+            _pad(rows, masks, width, padding_side or self.padding_side, self.pad_token_id)
         if return_tensors == "pt":
             if len({len(r) for r in rows}) > 1:
                 raise ValueError("rows have different lengths: pass padding=True to batch them into one tensor")
@@ -526,6 +530,49 @@ class Tokenizer:
         return out if return_dict else out["input_ids"]
 
 
+def _init_from_config(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``Tokenizer`` keywords from a tokenizer_config.json (``{}`` when there is none) and the chat
+    template files beside it."""
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: take the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+    if (path / "chat_template.jinja").exists():
+        template = (path / "chat_template.jinja").read_text()
+    elif (path / "chat_template.json").exists():
+        template = read_json(path / "chat_template.json").get("chat_template", template)
+    return dict(
+        bos_token=_token_text(config.get("bos_token", "<s>")),
+        eos_token=_token_text(config.get("eos_token", "</s>")),
+        unk_token=_token_text(config.get("unk_token", "<unk>")),
+        pad_token=_token_text(config.get("pad_token")),
+        chat_template=template,
+        padding_side="right" if config.get("padding_side") == "right" else "left",
+        model_max_length=int(config.get("model_max_length") or VERY_LARGE_INTEGER),
+        clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+    )
+
+
+def _read_tokenizer_json(file: Path) -> Any:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        backend = HFTokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception that names no file
+        raise CheckpointError(f"{file}: not a readable tokenizers file ({e})") from e
+    backend.no_padding()
+    backend.no_truncation()
+    return backend
+
+
+def _read_sentencepiece(file: Path) -> Any:
+    import sentencepiece as spm
+
+    try:
+        return spm.SentencePieceProcessor(model_file=str(file))
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(f"{file}: not a readable SentencePiece model ({e})") from e
+
+
 def _post_processor_adds(backend, bos_id: int | None, eos_id: int | None) -> tuple[bool, bool]:
     """Whether a tokenizer.json's post-processor puts BOS before and EOS after a single sequence."""
     plain = backend.encode("a", add_special_tokens=False).ids
@@ -533,6 +580,17 @@ def _post_processor_adds(backend, bos_id: int | None, eos_id: int | None) -> tup
     start = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
     before, after = full[:start], full[start + len(plain):]
     return bos_id is not None and bos_id in before, eos_id is not None and eos_id in after
+
+
+def _pad(rows: list[list[int]], masks: list[list[int]], width: int, side: str, pad_id: int) -> None:
+    """Pad every row (and its mask, with 0) to ``width`` in place, on the ``side`` given."""
+    for r, m in zip(rows, masks):
+        n = width - len(r)
+        if side == "left":
+            r[:0], m[:0] = [pad_id] * n, [0] * n
+        else:
+            r += [pad_id] * n
+            m += [0] * n
 
 
 def _padding_strategy(padding: bool | str) -> str | None:
@@ -613,3 +671,75 @@ def _tag_final_message(template: str, messages: list[dict[str, Any]], field: boo
         text_blocks[-1]["text"] = final + _CONTINUE_TAG
         last[field] = blocks
     return messages[:-1] + [last], final
+
+
+# -- GGUF vocabularies ---------------------------------------------------------------------------
+
+# llama.cpp's pre-tokenizer names (tokenizer.ggml.pre) for byte-level BPE, as `tokenizers` pre-tokenizers.
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
+
+
+def _gguf_byte_level_bpe(meta: Mapping[str, Any], tokens: list[str]) -> Any:
+    """A ``gpt2`` GGUF vocabulary: byte-level BPE with the file's merges and pre-tokenizer."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders
+    from tokenizers.models import BPE
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+    backend = HFTokenizer(BPE(vocab, merges, unk_token=None, fuse_unk=False, byte_fallback=False))
+    backend.pre_tokenizer = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _gguf_sentencepiece_bpe(meta: Mapping[str, Any], tokens: list[str], types: list[int], unk: str | None,
+                            origin: str) -> Any:
+    """A ``llama`` GGUF vocabulary: SentencePiece-style BPE, merges ranked by piece score."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, normalizers
+    from tokenizers.models import BPE
+
+    scores = meta.get("tokenizer.ggml.scores")
+    if scores is None:
+        raise CheckpointError(f"{origin}: a 'llama' vocabulary needs tokenizer.ggml.scores")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = _spm_merges(tokens, scores, types)
+    backend = HFTokenizer(BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=BYTE in types))
+    prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+    # Prepend "▁" to every text segment (also after special tokens), as llama.cpp and legacy
+    # SentencePiece tokenization in transformers do.
+    backend.normalizer = normalizers.Sequence(
+        ([normalizers.Prepend("▁")] if prefix else []) + [normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return backend
+
+
+def _byte_level_pre_tokenizer(pre: str) -> Any:
+    from tokenizers import Regex, pre_tokenizers
+
+    if pre in _DIGIT_SPLIT_PRE:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    if pre in ("llama-bpe", "llama3", "smaug-bpe"):
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_LLAMA3_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # "gpt2", "default"
+
+
+def _spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """BPE merges that reproduce SentencePiece-BPE: every split of a piece into two pieces, best score first."""
+    vocab = {t: i for i, t in enumerate(tokens) if types[i] in (NORMAL, USER_DEFINED, UNUSED)}
+    merges = []
+    for piece, i in vocab.items():
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in vocab and right in vocab:
+                merges.append((-scores[i], vocab[left], vocab[right], left, right))
+    merges.sort()
+    return [(m[3], m[4]) for m in merges]

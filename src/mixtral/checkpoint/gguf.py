@@ -17,9 +17,8 @@ llama.cpp stores q/k rows in the interleaved-pair rotary order (as Meta's and Mi
 one-expert, top-1 Mixtral: softmax over one logit is 1, so the layer computes the dense MLP exactly.
 
 Tensors are dequantized with ``gguf.quants.dequantize`` one at a time, as ``materialize`` asks.
-The vocabulary becomes a ``tokenizers`` tokenizer: ``gpt2`` files as byte-level BPE with their merges,
-``llama`` files as SentencePiece-style BPE with byte fallback, merges ranked by piece score (llama.cpp's
-own SPM tokenizer merges the best-scoring pair first, which is what this ranking reproduces).
+The vocabulary is handed over as metadata (``gguf_metadata``); ``mixtral.Tokenizer.from_gguf`` builds
+the tokenizer from it. Writing (``write_gguf``) takes a model and a tokenizer as they are.
 """
 
 from __future__ import annotations
@@ -124,32 +123,8 @@ def config_from_gguf(meta: dict[str, Any], source: GGUFSource, path: Path) -> Mi
     if arch != ARCH:
         raise CheckpointError(f"{path}: architecture {arch!r} is not supported; only 'llama' "
                               "(which llama.cpp uses for Llama, Mistral and Mixtral)")
-
-    def get(key: str, default: Any = None, required: bool = False, kind: type = int) -> Any:
-        value = meta.get(f"{arch}.{key}", default)
-        if value is None:
-            if required:
-                raise CheckpointError(f"{path}: metadata {arch}.{key} is missing")
-            return None
-        if isinstance(value, list):
-            raise CheckpointError(f"{path}: per-layer values for {arch}.{key} are not supported")
-        ok = {int: (int,), float: (int, float), str: (str,)}[kind]
-        if not isinstance(value, ok) or (kind is not str and isinstance(value, bool)):
-            raise CheckpointError(f"{path}: metadata {arch}.{key} is {value!r} ({type(value).__name__}), "
-                                  f"expected {'a string' if kind is str else 'a number'}")
-        return value
-
-    # llama.cpp reads a scaling factor (rope.scaling.factor, or the older rope.scale_linear) as linear
-    # scaling when rope.scaling.type is absent, and ignores it only for type "none".
-    scaling = get("rope.scaling.type", kind=str)
-    if scaling not in (None, "none"):
-        raise CheckpointError(f"{path}: rope scaling {scaling!r} is not supported")
-    factor = get("rope.scaling.factor", kind=float)
-    if factor is None:
-        factor = get("rope.scale_linear", kind=float)
-    if scaling is None and factor not in (None, 0.0, 1.0):
-        raise CheckpointError(f"{path}: rope scaling factor {factor} is not supported (without "
-                              f"{arch}.rope.scaling.type, llama.cpp applies it as linear scaling)")
+    get = _getter(meta, arch, path)
+    _check_rope_scaling(get, arch, path)
     hidden, heads = get("embedding_length", required=True), get("attention.head_count", required=True)
     if heads <= 0:
         raise CheckpointError(f"{path}: metadata {arch}.attention.head_count is {heads}, expected a positive number")
@@ -189,6 +164,41 @@ def config_from_gguf(meta: dict[str, Any], source: GGUFSource, path: Path) -> Mi
         raise
     except ValueError as e:
         raise CheckpointError(f"{path}: metadata does not describe a valid model ({e})") from e
+
+
+def _getter(meta: dict[str, Any], arch: str, path: Path):
+    """``get(key, default, required, kind)``: the ``{arch}.{key}`` metadata value, checked to be one
+    number (or string) of ``kind``."""
+    def get(key: str, default: Any = None, required: bool = False, kind: type = int) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            if required:
+                raise CheckpointError(f"{path}: metadata {arch}.{key} is missing")
+            return None
+        if isinstance(value, list):
+            raise CheckpointError(f"{path}: per-layer values for {arch}.{key} are not supported")
+        ok = {int: (int,), float: (int, float), str: (str,)}[kind]
+        if not isinstance(value, ok) or (kind is not str and isinstance(value, bool)):
+            raise CheckpointError(f"{path}: metadata {arch}.{key} is {value!r} ({type(value).__name__}), "
+                                  f"expected {'a string' if kind is str else 'a number'}")
+        return value
+
+    return get
+
+
+def _check_rope_scaling(get, arch: str, path: Path) -> None:
+    """Refuse rope scaling, which the model does not implement. llama.cpp reads a scaling factor
+    (rope.scaling.factor, or the older rope.scale_linear) as linear scaling when rope.scaling.type
+    is absent, and ignores it only for type "none"."""
+    scaling = get("rope.scaling.type", kind=str)
+    if scaling not in (None, "none"):
+        raise CheckpointError(f"{path}: rope scaling {scaling!r} is not supported")
+    factor = get("rope.scaling.factor", kind=float)
+    if factor is None:
+        factor = get("rope.scale_linear", kind=float)
+    if scaling is None and factor not in (None, 0.0, 1.0):
+        raise CheckpointError(f"{path}: rope scaling factor {factor} is not supported (without "
+                              f"{arch}.rope.scaling.type, llama.cpp applies it as linear scaling)")
 
 
 def _check_token_count(meta: dict[str, Any], rows: int, path: Path) -> None:
@@ -256,108 +266,15 @@ def read_gguf(path: Path) -> tuple[MixtralConfig, GGUFSource, dict[str, Rule]]:
 
 
 def gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """All metadata key/values of a GGUF file (tokenizer arrays included)."""
-    return _metadata(_open(Path(path)))
-
-
-# -- tokenizer -----------------------------------------------------------------------------------
-
-# llama.cpp's pre-tokenizer names (tokenizer.ggml.pre) for byte-level BPE, as `tokenizers` pre-tokenizers.
-_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
-
-
-def _byte_level_pre_tokenizer(pre: str):
-    from tokenizers import Regex, pre_tokenizers
-
-    if pre in _DIGIT_SPLIT_PRE:
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    if pre in ("llama-bpe", "llama3", "smaug-bpe"):
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_LLAMA3_REGEX), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # "gpt2", "default"
-
-
-def _spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
-    """BPE merges that reproduce SentencePiece-BPE: every split of a piece into two pieces, best score first."""
-    vocab = {t: i for i, t in enumerate(tokens) if types[i] in (NORMAL, USER_DEFINED, UNUSED)}
-    merges = []
-    for piece, i in vocab.items():
-        for k in range(1, len(piece)):
-            left, right = piece[:k], piece[k:]
-            if left in vocab and right in vocab:
-                merges.append((-scores[i], vocab[left], vocab[right], left, right))
-    merges.sort()
-    return [(m[3], m[4]) for m in merges]
-
-
-def tokenizer_from_metadata(meta: dict[str, Any], origin: str = "GGUF"):
-    """A ``mixtral.Tokenizer`` from GGUF ``tokenizer.*`` metadata (``gpt2`` or ``llama`` vocabularies)."""
-    from tokenizers import AddedToken, decoders, normalizers
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers.models import BPE
-
-    from ..tokenizer import Tokenizer
-
-    kind = meta.get("tokenizer.ggml.model")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if kind is None or tokens is None:
-        raise CheckpointError(f"{origin}: no tokenizer vocabulary in the metadata (tokenizer.ggml.tokens)")
-    types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
-    vocab = {t: i for i, t in enumerate(tokens)}
-
-    def token(key: str) -> str | None:
-        i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
-
-    unk = token("unknown")
-    if kind == "gpt2":
-        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
-        backend = HFTokenizer(BPE(vocab, merges, unk_token=None, fuse_unk=False, byte_fallback=False))
-        backend.pre_tokenizer = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
-        backend.decoder = decoders.ByteLevel()
-        add_bos_default = False
-    elif kind == "llama":
-        scores = meta.get("tokenizer.ggml.scores")
-        if scores is None:
-            raise CheckpointError(f"{origin}: a 'llama' vocabulary needs tokenizer.ggml.scores")
-        merges = _spm_merges(tokens, scores, types)
-        backend = HFTokenizer(BPE(vocab, merges, unk_token=unk, fuse_unk=True,
-                                  byte_fallback=BYTE in types))
-        prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
-        # Prepend "▁" to every text segment (also after special tokens), as llama.cpp and legacy
-        # SentencePiece tokenization in transformers do.
-        backend.normalizer = normalizers.Sequence(
-            ([normalizers.Prepend("▁")] if prefix else []) + [normalizers.Replace(" ", "▁")])
-        backend.decoder = decoders.Sequence(
-            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-            + ([decoders.Strip(" ", 1, 0)] if prefix else []))
-        add_bos_default = True
-    else:
-        raise CheckpointError(f"{origin}: tokenizer model {kind!r} is not supported (only 'gpt2' and 'llama')")
-    backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
-                        for i, t in enumerate(types) if t == USER_DEFINED])
-    backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                                for i, t in enumerate(types) if t == CONTROL])
-    return Tokenizer(
-        backend, bos_token=token("bos"), eos_token=token("eos"), unk_token=unk, pad_token=token("padding"),
-        chat_template=meta.get("tokenizer.chat_template"),
-        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)),
-        add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-    )
-
-
-def tokenizer_from_gguf(path: str | os.PathLike):
+    """All metadata key/values of a GGUF file (the tokenizer's arrays included), its token count
+    checked against the embedding rows as ``read_gguf`` checks it."""
     path = Path(path)
     reader = _open(path)
     meta = _metadata(reader)
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is not None:
         _check_token_count(meta, int(embd.shape[-1]), path)  # GGUF lists dims reversed: rows last
-    return tokenizer_from_metadata(meta, str(path))
+    return meta
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -582,63 +499,3 @@ def write_gguf(model, tokenizer, path: str | os.PathLike, type: str = "F16", nam
     finally:
         if tmp.exists():
             tmp.unlink()
-
-
-# -- commands ------------------------------------------------------------------------------------
-
-def run_convert(args) -> int:
-    """``mixtral convert gguf SRC DST``: GGUF -> Hugging Face layout (config, safetensors, tokenizer)."""
-    from ..model import MixtralForCausalLM
-    from .loading import write_atomically
-
-    src, dst = Path(args.src), Path(args.dst)
-    if not src.is_file():
-        raise CheckpointError(f"{src}: no such GGUF file")
-    model = MixtralForCausalLM.from_pretrained(src, progress=True)
-    tokenizer = tokenizer_from_gguf(src)
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, max_shard_size=args.max_shard_size)
-        tokenizer.save_pretrained(tmp)
-
-    write_atomically(dst, write, replace=True, sources=[src])  # no stale files of an earlier checkpoint
-    print(f"wrote {dst} ({model.num_parameters() / 1e6:.1f}M parameters, "
-          f"{model.config.num_local_experts} experts, top-{model.config.num_experts_per_tok})")
-    return 0
-
-
-def run_export(args) -> int:
-    """``mixtral convert to-gguf SRC DST.gguf --type T``: any readable checkpoint -> GGUF."""
-    from ..model import MixtralForCausalLM
-    from . import _is_quantized
-
-    src = Path(args.src)
-    if Path(args.dst).suffix != ".gguf":  # loaders (ours, llama.cpp's tools) recognize GGUF by its suffix
-        raise CheckpointError(f"{args.dst}: the output of to-gguf must end in .gguf")
-    if src.is_dir() and _is_quantized(src):  # checked first: loading 90 GB only to fail would waste minutes
-        raise CheckpointError(f"{src}: a quantized checkpoint (config.json has quantization_config) cannot be "
-                              "exported to GGUF; to-gguf needs a float checkpoint, which it quantizes itself "
-                              "(--type)")
-    model = MixtralForCausalLM.from_pretrained(src, progress=True)
-    tokenizer = None
-    try:
-        tokenizer = _tokenizer_for_export(src)
-    except (FileNotFoundError, CheckpointError) as e:
-        print(f"warning: {src}: no tokenizer written to the GGUF ({e}); llama.cpp needs one to run it")
-    write_gguf(model, tokenizer, args.dst, type=args.type, name=src.stem if src.is_file() else src.name)
-    print(f"wrote {args.dst} ({args.type})")
-    return 0
-
-
-def _tokenizer_for_export(src: Path):
-    """Prefer a SentencePiece model when the checkpoint has one: its scores are exact in GGUF."""
-    from ..tokenizer import Tokenizer
-
-    if src.is_dir() and (src / "tokenizer.model").exists() and (src / "tokenizer.json").exists():
-        import sentencepiece as spm
-
-        tok = Tokenizer.from_pretrained(src)
-        sp = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
-        return Tokenizer(sp, bos_token=tok.bos_token, eos_token=tok.eos_token, unk_token=tok.unk_token,
-                         pad_token=tok.pad_token, chat_template=tok.chat_template, add_bos_token=True)
-    return Tokenizer.from_pretrained(src)

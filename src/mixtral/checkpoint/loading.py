@@ -297,6 +297,16 @@ def materialize(
     ``optional`` parameters may be absent (they are then initialized and returned, e.g. a fresh
     classification head); checkpoint keys for which ``ignore(key)`` is true may be left unused.
     """
+    params = _distinct_parameters(model)
+    absent = _absent_optional(params, rules, source, set(optional))
+    _check_unused(model, params, rules, source, set(absent), ignore)
+    _check_sources(params, {n: r for n, r in rules.items() if n in params and n not in absent}, source)
+    _fill(model, params, rules, source, set(absent), dtype=dtype, device=device, progress=progress)
+    return absent
+
+
+def _distinct_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The model's parameters by name, each once."""
     params: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -304,27 +314,43 @@ def materialize(
             continue
         seen.add(id(p))
         params[name] = p
-    optional = set(optional)
+    return params
+
+
+def _absent_optional(params: dict[str, nn.Parameter], rules: dict[str, Rule], source: TensorSource,
+                     optional: set[str]) -> list[str]:
+    """The optional parameters whose tensors ``source`` lacks; a CheckpointError if any other's are."""
     available = set(source.keys())
-    missing, absent_optional = [], []
+    missing, absent = [], []
     for name in params:
         rule = rules.get(name)
         lacking = [k for k in rule.keys if k not in available] if rule else [name]
         if lacking:
-            (absent_optional if name in optional else missing).append((name, lacking))
+            if name in optional:
+                absent.append(name)
+            else:
+                missing.append((name, lacking))
     if missing:
         lines = ", ".join(f"{name} (needs {', '.join(lack[:3])}{'...' if len(lack) > 3 else ''})"
                           for name, lack in missing[:8])
         raise CheckpointError(f"{source.describe()}: missing tensors for {len(missing)} parameters: {lines}")
-    used = {k for name in params if name in rules and name not in dict(absent_optional) for k in rules[name].keys}
-    unexpected = sorted(k for k in available - used if not ignore(k))
+    return absent
+
+
+def _check_unused(model: nn.Module, params: dict[str, nn.Parameter], rules: dict[str, Rule], source: TensorSource,
+                  absent: set[str], ignore: Callable[[str], bool]) -> None:
+    """A CheckpointError for checkpoint tensors that no parameter is built from and ``ignore`` does not excuse."""
+    used = {k for name in params if name in rules and name not in absent for k in rules[name].keys}
+    unexpected = sorted(k for k in set(source.keys()) - used if not ignore(k))
     if unexpected:
         shown = ", ".join(f"{k} (in {source.where(k)})" for k in unexpected[:8])
         raise CheckpointError(f"unexpected tensors not used by {type(model).__name__}: {shown}"
                               + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""))
-    absent = dict(absent_optional)
-    _check_sources(params, {n: r for n, r in rules.items() if n in params and n not in absent}, source)
 
+
+def _fill(model: nn.Module, params: dict[str, nn.Parameter], rules: dict[str, Rule], source: TensorSource,
+          absent: set[str], *, dtype: torch.dtype, device: torch.device | str, progress: bool | None) -> None:
+    """Set every parameter: built from its checkpoint tensors, or freshly initialized if ``absent``."""
     from tqdm.auto import tqdm
 
     total = sum(p.numel() for p in params.values())
@@ -335,18 +361,21 @@ def materialize(
             t = torch.empty(p.shape, dtype=dtype, device=device)
             nn.init.normal_(t, std=getattr(getattr(model, "config", None), "initializer_range", 0.02))
         else:
-            rule = rules[name]
-            t = rule.build([source.get(k) for k in rule.keys])
-            if tuple(t.shape) != tuple(p.shape):  # only rules without ``shapes`` can get here
-                where = ", ".join(f"{k} in {source.where(k)}" for k in rule.keys[:2])
-                raise CheckpointError(
-                    f"{where}: shape {tuple(t.shape)} does not fit {name} of shape {tuple(p.shape)}"
-                )
-            t = t.to(device=device, dtype=dtype)
+            t = _build_parameter(name, p, rules[name], source).to(device=device, dtype=dtype)
         _set_parameter(model, name, t)
         bar.update(t.numel() * t.element_size())
     bar.close()
-    return [name for name, _ in absent_optional]
+
+
+def _build_parameter(name: str, p: nn.Parameter, rule: Rule, source: TensorSource) -> torch.Tensor:
+    """Parameter ``name``'s tensor from its checkpoint tensors, in the checkpoint's dtype."""
+    t = rule.build([source.get(k) for k in rule.keys])
+    if tuple(t.shape) != tuple(p.shape):  # only rules without ``shapes`` can get here
+        where = ", ".join(f"{k} in {source.where(k)}" for k in rule.keys[:2])
+        raise CheckpointError(
+            f"{where}: shape {tuple(t.shape)} does not fit {name} of shape {tuple(p.shape)}"
+        )
+    return t
 
 
 def _check_sources(params: dict[str, nn.Parameter], rules: dict[str, Rule], source: TensorSource) -> None:
@@ -448,7 +477,6 @@ def write_atomically(directory: Path, write: Callable[[Path], None], *, replace:
     """
     import shutil
     import tempfile
-    import uuid
 
     check_output_path(directory, sources, replace=replace)
     real = Path(directory).expanduser().resolve()  # through a symlink: replace what it points to
@@ -461,22 +489,46 @@ def write_atomically(directory: Path, write: Callable[[Path], None], *, replace:
         real.mkdir(exist_ok=True)
     # A sibling (swap) or a child (merge), so the final renames stay on one filesystem.
     tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.tmp-", dir=real.parent if swap else real))
-    old: Path | None = None
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        for f in tmp.rglob("*"):  # safetensors creates files private (0600), mkdtemp directories 0700
-            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
-        if not swap:
-            if replace:
-                for entry in real.iterdir():
-                    if entry != tmp:
-                        entry.unlink()
-            for n in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
-                os.replace(tmp / n, real / n)
-            return
-        os.chmod(tmp, 0o777 & ~umask)
+        umask = _make_public(tmp)
+        if swap:
+            os.chmod(tmp, 0o777 & ~umask)
+            _swap_in(tmp, real)
+        else:
+            _move_files(tmp, real, replace=replace)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _make_public(tmp: Path) -> int:
+    """Give what was written under ``tmp`` the permissions of any new file; returns the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in tmp.rglob("*"):  # safetensors creates files private (0600), mkdtemp directories 0700
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
+    return umask
+
+
+def _move_files(tmp: Path, real: Path, *, replace: bool) -> None:
+    """Move ``tmp``'s files into ``real`` (``tmp`` lies inside it), config.json last; with ``replace``,
+    first delete the files already there."""
+    if replace:
+        for entry in real.iterdir():
+            if entry != tmp:
+                entry.unlink()
+    for n in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
+        os.replace(tmp / n, real / n)
+
+
+def _swap_in(tmp: Path, real: Path) -> None:
+    """Rename ``tmp`` to ``real``: an existing ``real`` is renamed aside first, put back if the rename
+    fails and deleted once it succeeded."""
+    import shutil
+    import uuid
+
+    old: Path | None = None
+    try:
         if real.exists():
             old = real.parent / f".{real.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(real, old)
@@ -488,6 +540,5 @@ def write_atomically(directory: Path, write: Callable[[Path], None], *, replace:
                 old = None
             raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

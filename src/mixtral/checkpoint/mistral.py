@@ -25,7 +25,6 @@ the same attention and norm keys; ``layers.N.feed_forward.gate.weight`` and
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -236,33 +235,3 @@ def sentencepiece_file(directory: Path) -> Path | None:
         if (directory / name).exists():
             return directory / name
     return None
-
-
-# -- command -------------------------------------------------------------------------------------
-
-def run_convert(args) -> int:
-    """``mixtral convert mistral SRC DST``: raw release -> Hugging Face layout (config, shards, tokenizer)."""
-    from ..model import MixtralForCausalLM
-    from .loading import write_atomically
-
-    src, dst = Path(args.src), Path(args.dst)
-    if not src.is_dir():
-        raise CheckpointError(f"{src}: not a directory")
-    if not (src / "params.json").exists():
-        raise CheckpointError(f"{src}: no params.json (not a raw Mistral release)")
-    model = MixtralForCausalLM.from_pretrained(src, dtype="auto", progress=True)
-    tokenizer = sentencepiece_file(src)
-    if tokenizer is None:
-        print(f"warning: {src}: no tokenizer.model found; the converted checkpoint has no tokenizer")
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, max_shard_size=args.max_shard_size)
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
-            from ..tokenizer import Tokenizer
-
-            Tokenizer.from_pretrained(tmp).save_pretrained(tmp)
-
-    write_atomically(dst, write, replace=True, sources=[src])  # no stale files of an earlier checkpoint
-    print(f"wrote {dst} ({model.num_parameters() / 1e6:.1f}M parameters)")
-    return 0

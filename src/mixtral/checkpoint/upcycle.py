@@ -8,7 +8,8 @@ to 1, and sum_k w_k * f(x) = f(x).
 Dense sources are read through the same rule tables as everything else: a Hugging Face directory
 (``model_type`` llama or mistral, ``mlp.gate_proj/up_proj/down_proj``) through ``dense_hf_rules``, a
 dense GGUF through ``mixtral.checkpoint.gguf`` (which already reads it as one expert). Upcycling
-then wraps the one-expert rules: ``upcycle_rules``.
+then wraps the one-expert rules: ``upcycle_rules``; ``read_upcycled`` gives the (config, source,
+rules) of the upcycled model, which ``mixtral.loader.upcycle`` builds, and ``save_upcycled`` writes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from ..config import MixtralConfig
+from .gguf import read_gguf
 from .hf import hf_rules
 from .loading import (
     CheckpointError,
@@ -27,9 +29,8 @@ from .loading import (
     SafetensorsSource,
     TensorSource,
     dense_as_one_expert,
-    materialize,
-    parse_dtype,
     read_json,
+    write_atomically,
 )
 
 # Where transformers' LlamaConfig/MistralConfig defaults differ from MixtralConfig's: a config.json
@@ -77,8 +78,6 @@ def read_dense(path: Path) -> tuple[MixtralConfig, TensorSource, dict[str, Rule]
     """(one-expert config, source, rules) for a dense HF directory or a dense GGUF file."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
-        from .gguf import read_gguf
-
         config, source, rules = read_gguf(path)
         if config.num_local_experts != 1:
             raise CheckpointError(f"{path}: already a mixture of {config.num_local_experts} experts, not dense")
@@ -128,50 +127,19 @@ def upcycle_rules(
     return new, out
 
 
-def upcycle(
-    path: str | Path,
-    experts: int = 8,
-    top_k: int = 2,
-    noise: float = 0.0,
-    seed: int = 0,
-    dtype: torch.dtype | str = torch.float32,
-    progress: bool | None = None,
-):
-    """A ``MixtralForCausalLM`` upcycled from the dense checkpoint at ``path`` (HF directory or GGUF)."""
-    from ..model import MixtralForCausalLM
-
+def read_upcycled(
+    path: Path, experts: int, top_k: int, noise: float = 0.0, seed: int = 0
+) -> tuple[MixtralConfig, TensorSource, dict[str, Rule]]:
+    """(config, source, rules) of the Mixtral upcycled from the dense checkpoint at ``path``."""
     config, source, rules = read_dense(Path(path))
     config, rules = upcycle_rules(config, rules, experts, top_k, noise, seed)
-    with torch.device("meta"):
-        model = MixtralForCausalLM(config)
-    materialize(model, rules, source, dtype=parse_dtype(dtype), device="cpu", progress=progress,
-                ignore=lambda key: key == "lm_head.weight" or key.endswith("rotary_emb.inv_freq"))
-    model.model.reset_rotary()
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval()
-
-
-def dense_tokenizer(path: Path):
-    """The dense checkpoint's tokenizer (GGUF vocabulary or tokenizer files), or None."""
-    if path.is_file() and path.suffix == ".gguf":
-        from .gguf import tokenizer_from_gguf
-
-        return tokenizer_from_gguf(path)
-    from ..tokenizer import Tokenizer
-
-    try:
-        return Tokenizer.from_pretrained(path)
-    except FileNotFoundError:
-        return None
+    return config, source, rules
 
 
 def save_upcycled(model, tokenizer, dst: Path, max_shard_size: int | str = "5GB", source: Path | None = None) -> None:
     """Checkpoint and tokenizer into ``dst``, all or nothing; ``dst`` ends up holding exactly these
     files (no stale ones of an earlier checkpoint), and is refused when it is ``source`` or lies
     inside it."""
-    from .loading import write_atomically
-
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
@@ -179,17 +147,3 @@ def save_upcycled(model, tokenizer, dst: Path, max_shard_size: int | str = "5GB"
 
     write_atomically(Path(dst), write, replace=True, sources=[source] if source is not None else [])
 
-
-def run_upcycle(args) -> int:
-    """``mixtral upcycle DENSE DST --experts E --top-k K [--noise STD --seed S]``."""
-    src = Path(args.dense)
-    if not src.exists():
-        raise CheckpointError(f"{src}: no such file or directory")
-    model = upcycle(src, args.experts, args.top_k, args.noise, args.seed, progress=True)
-    tokenizer = dense_tokenizer(src)
-    if tokenizer is None:
-        print(f"warning: {src}: no tokenizer found; the upcycled checkpoint has none")
-    save_upcycled(model, tokenizer, Path(args.dst), source=src)
-    print(f"wrote {args.dst}: {args.experts} experts (top-{args.top_k}), "
-          f"{model.num_parameters() / 1e6:.1f}M parameters, noise std {args.noise}, seed {args.seed}")
-    return 0

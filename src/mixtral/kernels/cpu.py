@@ -3,7 +3,7 @@
 ``cpu_kernels()`` returns the compiled module, or None where it cannot be had: not an x86 CPU with
 AVX2+FMA, no compiler, a failed build, ``MIXTRAL_CPU_KERNELS=0`` in the environment, or inside a
 ``torch.compile`` trace. Every caller has a pure-torch fallback with the same numbers (up to float
-rounding), so None only costs speed. The build takes ~30 s once and is cached by torch in ``~/.cache/torch_extensions``.
+rounding), so None only costs speed. The build runs once and is cached by torch in ``~/.cache/torch_extensions``.
 """
 
 from __future__ import annotations

@@ -470,20 +470,16 @@ struct Step {
 };
 
 // Key j < len[b] is visible iff key_index[j] in (qpos - window, qpos] (window 0 = none) and
-// key_valid[b, j]; a row that sees nothing sees all its keys (as build_mask does: its output is never
-// used).
+// key_valid[b, j]: mixtral.layers.build_mask's rule. A row that sees nothing comes out as zeros, as
+// SDPA gives it (attention_rows skips every key).
 void fill_allowed(Step& st) {
   st.allowed.assign(st.B * st.S, 0);
   for (int64_t b = 0; b < st.B; ++b) {
-    bool any = false;
     for (int64_t j = 0; j < st.len[b]; ++j) {
       const int64_t t = st.key_index[j];
-      const bool ok = t >= 0 && t <= st.qpos && (st.window <= 0 || t > st.qpos - st.window)
-                      && st.key_valid[b * st.kv_stride + j];
-      st.allowed[b * st.S + j] = ok;
-      any = any || ok;
+      st.allowed[b * st.S + j] = t >= 0 && t <= st.qpos && (st.window <= 0 || t > st.qpos - st.window)
+                                 && st.key_valid[b * st.kv_stride + j];
     }
-    if (!any) std::fill(st.allowed.begin() + b * st.S, st.allowed.begin() + b * st.S + st.len[b], 1);
   }
 }
 

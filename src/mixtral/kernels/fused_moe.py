@@ -112,9 +112,9 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.
     block_expert = torch.empty(max_padded // block_m, dtype=torch.int32, device=ids.device)
     ep = triton.next_power_of_2(num_experts)
     # (CHUNK, EP) int32 tiles live in registers: 4096 elements over 128 threads compile without
-    # spills; 8192 spilled (255 registers + 104 B of stack, bench/kernel_report.py). No larger than
-    # the slots either: this single program is pure latency at decode, where 2 slots in chunks of 512
-    # meant ~2600 SASS instructions per warp, against ~240 in chunks of 16.
+    # spills, 8192 spill (bench/kernel_report.py shows both). No larger than the slots either: this
+    # single program is pure latency at decode, and a chunk much wider than the slots multiplies
+    # its instruction count (figures in docs/kernels.md).
     chunk = max(16, min(4096 // ep, triton.next_power_of_2(num_slots)))
     _align_kernel[(1,)](flat, sorted_slots, block_expert, num_slots, num_experts, max_padded,
                         BLOCK_M=block_m, EP=ep, CHUNK=chunk)

@@ -38,6 +38,9 @@ from triton.compiler import ASTSource
 from triton.runtime.driver import driver
 from triton.runtime.errors import OutOfResources
 
+from . import fused_moe
+from .fused_moe import fused_experts, fused_experts_quantized, quantized_linear
+
 # Per-SM limits from NVIDIA's CUDA C programming guide (compute capability table): max dynamic
 # shared memory per block, shared memory per SM, 32-bit registers per SM, resident threads per SM.
 ARCH_LIMITS = {
@@ -128,8 +131,6 @@ def capture_launches(arch: int = 90) -> Iterator[list[CompiledKernel]]:
     smaller config does so here too. Kernels must be compiled ones (under ``TRITON_INTERPRET=1``
     there is nothing to capture) and not yet launched on a real GPU in this process (those would run
     from the JIT's cache)."""
-    from . import fused_moe
-
     launches: list[CompiledKernel] = []
     compiled: dict[tuple, CompiledKernel] = {}
     touched: set = set()  # kernels whose JIT cache the stand-in driver reached
@@ -252,7 +253,6 @@ def moe_call(fmt: str, tokens: int, E: int = 8, H: int = 4096, I: int = 14336, t
              group: int = 32) -> Callable[[], object]:
     """The experts of one layer on ``tokens`` rows, weights in ``fmt`` (bf16 | int8 | int4), tensors
     allocated but never written (pages of ``torch.empty`` are not touched)."""
-    from .fused_moe import fused_experts, fused_experts_quantized
 
     def weight(n: int, k: int) -> list[torch.Tensor]:
         if fmt == "int8":
@@ -274,7 +274,6 @@ def moe_call(fmt: str, tokens: int, E: int = 8, H: int = 4096, I: int = 14336, t
 
 def linear_call(fmt: str, tokens: int, N: int, K: int = 4096, group: int = 32) -> Callable[[], object]:
     """A quantized attention projection (``quantized_linear``) on ``tokens`` rows."""
-    from .fused_moe import quantized_linear
 
     def call():
         x = torch.empty(tokens, K, dtype=torch.bfloat16)

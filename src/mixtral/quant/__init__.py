@@ -1,4 +1,4 @@
-"""Weight-only int8 and int4 quantization: formats, modules, and the ``mixtral quantize`` command.
+"""Weight-only int8 and int4 quantization: formats and modules (the command is ``mixtral.cli.convert``).
 
 Formats (activations stay fp32; only weights are stored in fewer bits):
 
@@ -28,11 +28,11 @@ internal names. ``config.json`` carries
 ``"quantization_config": {"quant_method": "mixtral-weight-only", "bits": 8|4, "group_size": G,
 "lm_head": bool, "activations": "int8"|"fp32", "version": 2}``.
 
-Speed on CUDA: int8 and int4 weights run Triton kernels that read them as stored (``triton_applies``).
+Speed on CUDA: int8 and int4 weights run Triton kernels that read them as stored (``mixtral.kernels.triton_applies``).
 Speed on the CPU: decode (few rows) runs AVX2 kernels (``mixtral.kernels.cpu``). By default they quantize the
 activations too, to int8 in blocks of 32 with one fp32 scale each (llama.cpp's Q8_0/Q8_1 scheme), so
 the inner loop is an integer dot product: widening every weight to fp32 is what bounds decode on a
-small CPU, not memory. That adds an activation rounding error of about 0.4% per product;
+small CPU, not memory. That adds a small activation rounding error per product (docs/performance.md);
 ``activations="fp32"`` (in ``quantize_model`` and ``quantization_config``) keeps fp32 activations and
 computes exactly the dequantized weights' products, more slowly. Many rows (prefill) dequantize one
 matrix at a time and use fp32 matrix products (fp32 activations either way), which are
@@ -43,19 +43,16 @@ from __future__ import annotations
 
 import functools
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import triton_available
-from ..kernels.cpu import cpu_kernels
-from ..moe import experts_grouped_by
+from ..kernels import cpu_kernels, cpu_row_kernels, triton_applies, using_reference
+from ..moe import Experts, experts_grouped_by
 
 MODES = ("int8", "int4")
 LAYOUT_VERSION = 2  # of the int4 packing (see above); int8 has one layout
-FEW_ROWS = 8  # up to this many rows the matrix-vector kernels beat dequantize + matrix product
 
 
 # -- formats ---------------------------------------------------------------------------------------
@@ -173,8 +170,8 @@ class QuantizedTensor(nn.Module):
     def dequantize(self, index: int | None = None) -> torch.Tensor:
         """The fp32 weight (of expert ``index`` for a stack)."""
         sel = (lambda t: t) if index is None else (lambda t: t[index])
-        ck = cpu_kernels() if self.qweight.device.type == "cpu" and self.qweight.dim() - (index is not None) == 2 \
-            else None
+        one_matrix = self.qweight.device.type == "cpu" and self.qweight.dim() - (index is not None) == 2
+        ck = cpu_kernels() if one_matrix and not using_reference() else None
         if ck is not None:  # one fused pass instead of torch's several
             fn = ck.dequantize_q8 if self.bits == 8 else ck.dequantize_q4
             return fn(*(sel(t) for t in self.kernel_args()))
@@ -194,21 +191,7 @@ class QuantizedTensor(nn.Module):
         return sum(t.numel() * t.element_size() for t in self.buffers())
 
 
-def _use_kernels(x: torch.Tensor, rows: int):
-    if rows > FEW_ROWS or x.device.type != "cpu" or x.dtype != torch.float32:
-        return None
-    return cpu_kernels()
-
-
 TRITON_LINEAR_MAX_ROWS = 64  # beyond this a quantized Linear on CUDA dequantizes and uses cuBLAS (compute bound)
-
-
-def triton_applies(x: torch.Tensor) -> bool:
-    """Whether quantized weights run the Triton kernels (``mixtral.kernels.fused_moe``): on CUDA,
-    without autograd (they have no backward), Triton installed. They read int8 and int4 weights as
-    stored, with no host synchronisation, so a decode step stays capturable in a CUDA graph.
-    Activations stay in their dtype there (``int8_activations`` is a CPU-kernel setting)."""
-    return x.is_cuda and not torch.is_grad_enabled() and triton_available()
 
 
 class QuantLinear(nn.Module):
@@ -224,15 +207,20 @@ class QuantLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] <= TRITON_LINEAR_MAX_ROWS and triton_applies(x2):
+            # Imported on first use: Triton is an optional dependency, absent from CPU installs.
             from ..kernels.fused_moe import quantized_linear
 
             return quantized_linear(x2.contiguous(), self.weight_q.kernel_args()).reshape(*lead, self.out_features)
-        ck = _use_kernels(x2, x2.shape[0])
+        ck = cpu_row_kernels(x2)
         if ck is not None:
             y = ck.linear(x2.contiguous(), self.weight_q.kernel_args(), self.weight_q.int8_activations)
         else:
             y = F.linear(x2, self.weight_q.dequantize().to(x.dtype))
         return y.reshape(*lead, self.out_features)
+
+    def kernel_weights(self) -> tuple[list[torch.Tensor], bool]:
+        """The weight as the CPU kernels take it, and whether they quantize activations for it."""
+        return self.weight_q.kernel_args(), self.weight_q.int8_activations
 
 
 class QuantExperts(nn.Module):
@@ -258,11 +246,12 @@ class QuantExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.act is F.silu and triton_applies(x):
+            # Imported on first use: Triton is an optional dependency, absent from CPU installs.
             from ..kernels.fused_moe import fused_experts_quantized
 
             return fused_experts_quantized(x.contiguous(), ids, weights, self.gate_up_q.kernel_args(),
                                            self.down_q.kernel_args())
-        ck = _use_kernels(x, x.shape[0])
+        ck = cpu_row_kernels(x)
         if ck is not None and self.act is F.silu:
             return ck.experts(x.contiguous(), ids.long().contiguous(), weights.float().contiguous(),
                               self.gate_up_q.kernel_args(), self.down_q.kernel_args(),
@@ -271,6 +260,12 @@ class QuantExperts(nn.Module):
             x, ids, weights, lambda e: self.gate_up_q.dequantize(e).to(x.dtype),
             lambda e: self.down_q.dequantize(e).to(x.dtype), self.num_experts, self.act,
         )
+
+    def kernel_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor], bool] | None:
+        """(gate_up, down, int8 activations) as the CPU kernels take them; None for non-SiLU experts."""
+        if self.act is not F.silu:
+            return None
+        return self.gate_up_q.kernel_args(), self.down_q.kernel_args(), self.gate_up_q.int8_activations
 
 
 # -- whole models ------------------------------------------------------------------------------------
@@ -291,8 +286,6 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32, lm_head: b
     """
     if mode not in MODES:
         raise ValueError(f"quantization mode must be one of {MODES}, got {mode!r}")
-    from ..moe import Experts
-
     held = next((m for m in model.modules() if isinstance(m, QuantizedTensor)), None)
     if held is not None:  # its weights are rounded already, and a config block would misdescribe them
         raise ValueError(f"the model is already quantized (int{held.bits}); quantize from the float checkpoint")
@@ -304,7 +297,7 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32, lm_head: b
             parent, leaf = _parent(model, name)
             w = module.weight.detach()
             # The output head goes to int8 even in int4 mode: at 4 bits it costs far more quality
-            # (measured on the demo model: perplexity +77% with group 128) than it saves in bytes.
+            # than it saves in bytes (perplexity figures in docs/performance.md).
             head_mode = "int8" if name == "lm_head" else mode
             setattr(parent, leaf, QuantLinear(QuantizedTensor.quantize(w, head_mode, group_size)))
         elif isinstance(module, Experts):
@@ -322,8 +315,6 @@ def model_group_size(model: nn.Module, requested: int) -> int:
     to ``requested`` that divides the input size of every weight going to int4 (the output head
     goes to int8). One size for all keeps the recorded ``group_size`` true for every tensor, and
     the expert kernels need one for gate_up_proj and down_proj anyway."""
-    from ..moe import Experts
-
     if isinstance(requested, bool) or not isinstance(requested, int) or requested < 32 or requested % 32:
         raise ValueError(f"int4 group_size must be a positive multiple of 32 (32, 64, 128, ...), got {requested!r}")
     sizes: dict[str, int] = {}
@@ -355,44 +346,3 @@ def quantization_config(mode: str, group_size: int, lm_head: bool, activations: 
     return {"quant_method": "mixtral-weight-only", "bits": 8 if mode == "int8" else 4,
             "group_size": group_size if mode == "int4" else None, "lm_head": lm_head, "activations": activations,
             "version": LAYOUT_VERSION}
-
-
-def run_quantize(args) -> int:
-    """``mixtral quantize SRC DST --int8|--int4 [--group-size G]``: DST is replaced whole."""
-    import sys
-
-    from ..checkpoint import resolve_path
-    from ..checkpoint.loading import CheckpointError, check_output_path, read_json
-    from ..model import MixtralForCausalLM
-    from .checkpoint import save_quantized
-
-    mode = "int8" if args.int8 else "int4"
-    group_size = getattr(args, "group_size", None)
-    if mode == "int8" and group_size is not None:
-        raise ValueError("--group-size applies to --int4 only (int8 has one scale per output row)")
-    src, dst = resolve_path(args.src), Path(args.dst)
-    check_output_path(dst, [src], replace=True)  # before the load, which can take minutes
-    if src.is_dir() and (src / "config.json").exists():
-        qconfig = read_json(src / "config.json").get("quantization_config")
-        if qconfig is not None:  # rounding rounded weights again only loses more, and the bits would mix
-            raise CheckpointError(f"{src}: already quantized ({qconfig.get('bits')} bits); quantize from the "
-                                  "float checkpoint it was made from")
-    tokenizer = None
-    if src.is_file():  # a GGUF file carries its tokenizer in its metadata
-        from ..checkpoint.gguf import tokenizer_from_gguf
-
-        try:
-            tokenizer = tokenizer_from_gguf(src)
-        except CheckpointError as e:
-            print(f"warning: {e}; the quantized checkpoint has no tokenizer", file=sys.stderr)
-    elif not any(src.glob("tokenizer*")):
-        print(f"warning: {src}: no tokenizer files found; the quantized checkpoint has no tokenizer",
-              file=sys.stderr)
-    model = MixtralForCausalLM.from_pretrained(src, dtype=torch.float32)
-    quantize_model(model, mode, 32 if group_size is None else group_size,
-                   lm_head=bool(getattr(args, "lm_head", False)), activations=getattr(args, "activations", "int8"))
-    save_quantized(model, dst, copy_from=src if src.is_dir() else None, tokenizer=tokenizer, replace=True,
-                   sources=[src])
-    g = model.quantization_config["group_size"]
-    print(f"wrote {mode} checkpoint to {dst}" + (f" (group size {g})" if g else ""))
-    return 0

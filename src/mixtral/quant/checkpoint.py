@@ -1,10 +1,10 @@
 """Saving and loading quantized checkpoints (layout documented in ``mixtral.quant``).
 
-Loading goes through the ordinary ``from_pretrained`` path: ``quantized_rules`` gives the rules for
-the float parameters (identity: the file uses internal names) and remembers which stored tensors
-are quantized; the model's ``prepare_for_checkpoint`` then calls ``prepare`` here, which swaps in
-quantized modules filled straight from the file (int8 stays int8: no float copy is ever made), and
-reports the keys it consumed so the float loader does not count them as unexpected.
+Loading goes through the ordinary ``from_pretrained`` path: ``mixtral.checkpoint.quantized`` gives
+the rules for the float parameters (identity: the file uses internal names) and remembers which
+stored tensors are quantized; the model's ``prepare_for_checkpoint`` then calls ``prepare`` here,
+which swaps in quantized modules filled straight from the file (int8 stays int8: no float copy is
+ever made), and reports the keys it consumed so the float loader does not count them as unexpected.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint.loading import CheckpointError, Rule, TensorSource, write_atomically
-from ..config import MixtralConfig
+from ..checkpoint.loading import CheckpointError, TensorSource, write_atomically
+from ..checkpoint.quantized import SUFFIXES, QuantizedRules
 from . import (
     LAYOUT_VERSION,
     QuantExperts,
@@ -29,39 +29,15 @@ from . import (
     upgrade_int4,
 )
 
-SUFFIXES = (".qweight", ".scales", ".mins")
-
-
-class QuantizedRules(dict):
-    """Float rules (internal name -> Rule) plus the quantized tensor names and the config block."""
-
-    def __init__(self, rules: dict[str, Rule], quantized: list[str], qconfig: dict) -> None:
-        super().__init__(rules)
-        self.quantized = quantized
-        self.qconfig = qconfig
-
-
-def quantized_rules(config: MixtralConfig, keys: set[str], path: Path) -> QuantizedRules:
-    qconfig = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
-    if (qconfig.get("quant_method") != "mixtral-weight-only" or qconfig.get("bits") not in (4, 8)
-            or qconfig.get("activations", "int8") not in ("int8", "fp32") or qconfig.get("version", 1) not in (1, 2)):
-        raise CheckpointError(f"{path}: unsupported quantization_config {qconfig}")
-    quantized = sorted({k[: -len(".qweight")] for k in keys if k.endswith(".qweight")})
-    consumed = {q + s for q in quantized for s in SUFFIXES}
-    rules = {k: Rule((k,)) for k in keys if k not in consumed}
-    if config.tie_word_embeddings or "lm_head.weight" in quantized:
-        rules.pop("lm_head.weight", None)
-    return QuantizedRules(rules, quantized, qconfig)
-
 
 def prepare(model: nn.Module, rules: QuantizedRules, source: TensorSource, device) -> set[str]:
     """Swap the modules holding quantized tensors for quantized ones, filled from ``source``."""
-    prefix = "" if type(model).__name__ == "MixtralModel" else None
+    prefix = getattr(model, "checkpoint_prefix", "")  # "model." for a bare MixtralModel: in stored names, not its own
     bits = rules.qconfig["bits"]
     consumed: set[str] = set()
     groups: set[int] = set()  # int4 group sizes as stored (each tensor's is its K / scales columns)
     for name in rules.quantized:
-        local = name[len("model."):] if prefix == "" and name.startswith("model.") else name
+        local = name[len(prefix):] if prefix and name.startswith(prefix) else name
         tensors = {}
         for s in SUFFIXES:
             if name + s in source:

@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import KVCache, RaggedDecodeView
-from ..generation import decode_step, prefill
-from ..sampling import SamplingParams, next_token
+from ..generation import SamplingParams, choose_stepper, next_token, prefill
 
 log = logging.getLogger("mixtral.serve")
 
@@ -164,6 +163,7 @@ class Engine:
         if max_context is not None and max_context < 2:  # one prompt token and one generated
             raise ValueError(f"max_context must be >= 2 tokens, got {max_context}")
         self.model = model.eval()
+        self.stepper = choose_stepper(self.model)  # the same decode step generate would take
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         config = model.config
@@ -266,7 +266,7 @@ class Engine:
         self.batch_sizes.append(len(batch))
         tokens = torch.tensor([a.last_token for a in batch], dtype=torch.long, device=self.model.device)
         try:
-            logits = decode_step(self.model, tokens, None, RaggedDecodeView([a.cache for a in batch]))
+            logits = self.stepper.step(tokens, RaggedDecodeView([a.cache for a in batch]))
             logits = _penalize(logits, batch)
             greedy = logits.argmax(dim=-1).tolist()
             chosen = [g if not a.request.params.do_sample else

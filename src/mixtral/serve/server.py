@@ -27,14 +27,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..sampling import SamplingParams
+from ..generation import SamplingParams
 from .chat import chat_prompt
 from .engine import Delta, Engine, Event, Failed, Finished
 from .engine import Request as EngineRequest
 
 log = logging.getLogger("mixtral.serve")
-
-SHUTDOWN_GRACE_S = 10.0  # on SIGINT/SIGTERM, in-flight requests get this long to finish, then are cancelled
 
 
 # -- request bodies: the fields OpenAI clients send; unknown fields are ignored, as OpenAI does -------
@@ -182,10 +180,14 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             engine.stop()
 
     app = FastAPI(title="mixtral", lifespan=lifespan)
-    created = int(time.time())
-    tokenizer = engine.tokenizer
-    card = {"id": model_name, "object": "model", "created": created, "owned_by": "mixtral",
-            "max_model_len": engine.max_context}
+    _add_error_handlers(app)
+    _add_model_routes(app, engine, model_name)
+    _add_completion_routes(app, engine, model_name)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error answered in OpenAI's body: ours, request validation's, and Starlette's."""
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -203,6 +205,12 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                        else "server_error")
         return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
 
+
+def _add_model_routes(app: FastAPI, engine: Engine, model_name: str) -> None:
+    """``/health``, ``/v1/models`` and ``/v1/models/{id}``."""
+    card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "mixtral",
+            "max_model_len": engine.max_context}
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": model_name, "active": engine.num_active, "max_batch": engine.max_batch}
@@ -214,12 +222,18 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     @app.get("/v1/models/{model_id:path}")  # ":path": served names may contain "/" (org/model)
     async def model(model_id: str) -> dict[str, Any]:
         if model_id != model_name:
-            raise _unknown_model(model_id)
+            raise _unknown_model(model_id, model_name)
         return card
+
+
+def _add_completion_routes(app: FastAPI, engine: Engine, model_name: str) -> None:
+    """``/v1/chat/completions`` and ``/v1/completions``: each turns its body into token-id prompts and
+    a token budget, then hands them to ``_complete``."""
+    tokenizer = engine.tokenizer
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request):
-        _check(body)
+        _check(body, model_name)
         try:
             prompt_ids = chat_prompt(tokenizer, message_text(body.messages))
         except ValueError as e:
@@ -232,39 +246,50 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
-        _check(body)
-        prompt = body.prompt
-        batch = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
-        if not batch:
-            raise APIError(400, "the prompt is empty", param="prompt")
-        vocab = engine.model.config.vocab_size
-        prompts = []
-        for p in batch:
-            if isinstance(p, str):
-                prompts.append(tokenizer.encode(p))
-            elif any(not 0 <= t < vocab for t in p):
-                raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-            else:
-                prompts.append(list(p))
+        _check(body, model_name)
+        batch = _prompt_batch(body.prompt)
+        prompts = _prompt_ids(tokenizer, batch, engine.model.config.vocab_size)
         echo = None
         if body.echo:  # the prompt's text as given, or its tokens' text
             echo = [p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=True) for p in batch]
         max_tokens = _MaxTokens(body.max_tokens, "max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS)
         return await _complete(engine, body, request, prompts, max_tokens, model_name, chat=False, echo=echo)
 
-    def _check(body: _Body) -> None:
-        if body.model != model_name:
-            raise _unknown_model(body.model)
-        field = body.unsupported()
-        if field is not None:
-            raise APIError(400, f"'{field}' is not supported by this server; leave it out or at its default",
-                           param=field, code="unsupported_parameter")
 
-    def _unknown_model(name: str) -> APIError:
-        return APIError(404, f"The model '{name}' does not exist; this server serves '{model_name}'.",
-                        param="model", code="model_not_found")
+def _check(body: _Body, model_name: str) -> None:
+    """A 404 for another model's name, a 400 for a field this server does not honour."""
+    if body.model != model_name:
+        raise _unknown_model(body.model, model_name)
+    field = body.unsupported()
+    if field is not None:
+        raise APIError(400, f"'{field}' is not supported by this server; leave it out or at its default",
+                       param=field, code="unsupported_parameter")
 
-    return app
+
+def _unknown_model(name: str, model_name: str) -> APIError:
+    return APIError(404, f"The model '{name}' does not exist; this server serves '{model_name}'.",
+                    param="model", code="model_not_found")
+
+
+def _prompt_batch(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str] | list[list[int]]:
+    """A completions ``prompt`` as a batch: one text or one list of token ids is a batch of one."""
+    batch = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
+    if not batch:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    return batch
+
+
+def _prompt_ids(tokenizer: Any, batch: list[str] | list[list[int]], vocab: int) -> list[list[int]]:
+    """Each prompt's token ids: texts are encoded, token ids checked against the vocabulary."""
+    prompts = []
+    for p in batch:
+        if isinstance(p, str):
+            prompts.append(tokenizer.encode(p))
+        elif any(not 0 <= t < vocab for t in p):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+        else:
+            prompts.append(list(p))
+    return prompts
 
 
 @dataclass
@@ -297,18 +322,45 @@ async def _complete(engine: Engine, body: _Body, http: Request, prompts: list[li
                     model_name: str, chat: bool, echo: list[str] | None = None):
     """Run ``n`` engine requests per prompt (choice ``i * n + j`` is prompt i's j-th) and answer with
     one response, or one SSE stream that interleaves the choices' chunks."""
-    limit, n = engine.max_context, body.n or 1
+    n = body.n or 1
+    budgets = _budgets(prompts, max_tokens, engine.max_context, chat)
+    events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+    reqs = _engine_requests(body, prompts, budgets, n, asyncio.get_running_loop(), events)
+    _submit(engine, reqs)
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    created = int(time.time())
+    prompt_tokens = sum(len(ids) for ids in prompts)  # once per prompt, however many choices (as vLLM)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunks = _stream(reqs, events, rid, created, model_name, chat, include_usage, n, echo, prompt_tokens)
+        return StreamingResponse(chunks, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    collected = await _collect(reqs, events, http, echo, n)
+    if collected is None:
+        return JSONResponse({}, status_code=499)
+    texts, finals = collected
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": model_name, "choices": _choices(texts, finals, chat),
+            "usage": _usage(prompt_tokens, sum(f.completion_tokens for f in finals))}
+
+
+def _budgets(prompts: list[list[int]], max_tokens: _MaxTokens, limit: int, chat: bool) -> list[int]:
+    """Each prompt's token budget; a 400 for an empty prompt or one that cannot fit."""
     budgets = []
     for ids in prompts:
         if not ids:
             raise APIError(400, "the prompt is empty", param="messages" if chat else "prompt")
         budgets.append(max_tokens.resolve(len(ids), limit, chat))
+    return budgets
+
+
+def _engine_requests(body: _Body, prompts: list[list[int]], budgets: list[int], n: int,
+                     loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> list[EngineRequest]:
+    """``n`` engine requests per prompt, each posting its events to ``events`` with its choice index."""
     temperature = 1.0 if body.temperature is None else body.temperature
     params = SamplingParams(do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
                             top_p=body.top_p)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
     reqs: list[EngineRequest] = []
     for ids, budget in zip(prompts, budgets):
         for j in range(n):
@@ -318,6 +370,11 @@ async def _complete(engine: Engine, body: _Body, http: Request, prompts: list[li
             reqs.append(EngineRequest(ids, budget, params, seed, stop, emit=emit,
                                       frequency_penalty=body.frequency_penalty or 0.0,
                                       presence_penalty=body.presence_penalty or 0.0))
+    return reqs
+
+
+def _submit(engine: Engine, reqs: list[EngineRequest]) -> None:
+    """All of the requests or none: if the engine refuses one (it is shutting down), a 503."""
     try:
         for r in reqs:
             engine.submit(r)
@@ -325,14 +382,11 @@ async def _complete(engine: Engine, body: _Body, http: Request, prompts: list[li
         for r in reqs:
             r.cancel()
         raise APIError(503, str(e), type="server_error") from e
-    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    created = int(time.time())
-    prompt_tokens = sum(len(ids) for ids in prompts)  # once per prompt, however many choices (as vLLM)
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _stream(reqs, events, rid, created, model_name, chat, include_usage, n, echo, prompt_tokens)
-        return StreamingResponse(chunks, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _collect(reqs: list[EngineRequest], events: asyncio.Queue, http: Request, echo: list[str] | None,
+                   n: int) -> tuple[list[list[str]], list[Finished]] | None:
+    """Every choice's text pieces and its ``Finished``; None if the client went away first."""
     texts: list[list[str]] = [[] if echo is None else [echo[i // n]] for i in range(len(reqs))]
     finals: list[Finished | Failed | None] = [None] * len(reqs)
     pending = len(reqs)
@@ -342,7 +396,7 @@ async def _complete(engine: Engine, body: _Body, http: Request, prompts: list[li
                 i, event = await asyncio.wait_for(events.get(), timeout=1.0)
             except asyncio.TimeoutError:
                 if await http.is_disconnected():
-                    return JSONResponse({}, status_code=499)
+                    return None
                 continue
             if isinstance(event, Delta):
                 texts[i].append(event.text)
@@ -353,6 +407,11 @@ async def _complete(engine: Engine, body: _Body, http: Request, prompts: list[li
     finally:
         for r in reqs:
             r.cancel()  # a no-op once finished; frees the slots if this handler failed or was cancelled
+    return texts, finals
+
+
+def _choices(texts: list[list[str]], finals: list[Finished], chat: bool) -> list[dict[str, Any]]:
+    """The response's choices, in OpenAI's chat or completions shape."""
     choices = []
     for i, (text, final) in enumerate(zip(texts, finals)):
         content = "".join(text)
@@ -361,9 +420,7 @@ async def _complete(engine: Engine, body: _Body, http: Request, prompts: list[li
                             "logprobs": None, "finish_reason": final.reason})
         else:
             choices.append({"index": i, "text": content, "logprobs": None, "finish_reason": final.reason})
-    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": model_name, "choices": choices,
-            "usage": _usage(prompt_tokens, sum(f.completion_tokens for f in finals))}
+    return choices
 
 
 def _post(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, index: int, event: Event) -> None:
@@ -424,44 +481,3 @@ async def _stream(reqs: list[EngineRequest], events: asyncio.Queue, rid: str, cr
     finally:
         for r in reqs:
             r.cancel()
-
-
-# -- the command ----------------------------------------------------------------------------------------
-def run_serve(args) -> int:
-    """``mixtral serve``: load the model, start the engine, serve until SIGINT/SIGTERM."""
-    import signal
-    import sys
-
-    import uvicorn
-
-    from ..cli import load_for_cli, resolve_model
-    from ..perf import configure_threads
-
-    configure_threads(args.threads)
-    path = resolve_model(args.model)
-    model, tokenizer = load_for_cli(path, args.dtype, args.quantize)
-    if args.model is None:
-        from ..demo import DEMO_NOTICE
-
-        print(DEMO_NOTICE, file=sys.stderr)
-    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_context=args.max_context)
-    name = args.served_model_name or path.resolve().name
-    app = create_app(engine, name)
-    print(f"serving '{name}' at http://{args.host}:{args.port}/v1 (max batch {engine.max_batch}, "
-          f"context {engine.max_context})", file=sys.stderr, flush=True)
-    # uvicorn installs its own SIGINT/SIGTERM handlers while it runs: it stops accepting, lets in-flight
-    # requests finish for SHUTDOWN_GRACE_S, cancels the rest, then the lifespan hook stops the engine.
-    # Afterwards it re-raises the signal against the handlers it found; these note it so that a clean
-    # shutdown exits 0 instead of dying by the signal.
-    caught: list[int] = []
-    previous = {sig: signal.signal(sig, lambda sig, frame: caught.append(sig))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info",
-                    timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if caught:
-        print(f"stopped by {signal.Signals(caught[0]).name}", file=sys.stderr)
-    return 0

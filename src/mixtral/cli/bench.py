@@ -1,7 +1,8 @@
 """``mixtral bench``: prefill and decode throughput, time to first token and peak memory per batch size.
 
 Prompts are random token ids (the numbers depend on lengths, not content), decoded greedily for a
-fixed number of steps with no early stop, through the same ``prefill``/``decode_step`` the engine uses.
+fixed number of steps with no early stop, through the same ``prefill`` and decode stepper
+(``choose_stepper``) that the server's engine uses.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..cache import KVCache
-from ..generation import decode_step, prefill
+from ..generation import choose_stepper, prefill
+from ..perf import configure_threads
+from .generate import load_for_cli, resolve_model
 
 
 @dataclass
@@ -57,8 +60,10 @@ def bench_one(model, batch: int, prompt_len: int, gen_len: int, seed: int = 0) -
     token = logits.argmax(dim=-1)
     token.tolist()  # the first token reaches the host: that is when a client could see it
     t2 = time.perf_counter()
+    stepper = choose_stepper(model)
+    cache = stepper.begin(cache)
     for _ in range(gen_len - 1):
-        token = decode_step(model, token, None, cache).argmax(dim=-1)
+        token = stepper.step(token, cache).argmax(dim=-1)
     token.tolist()
     t3 = time.perf_counter()
     return t1 - t0, t2 - t0, t3 - t2
@@ -110,9 +115,6 @@ def parse_batches(text: str) -> list[int]:
 
 
 def run_bench(args) -> int:
-    from ..cli import load_for_cli, resolve_model
-    from ..perf import configure_threads
-
     threads = configure_threads(args.threads)
     batches = parse_batches(args.batch)
     path = resolve_model(args.model)

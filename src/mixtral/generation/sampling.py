@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from .generation_config import GenerationConfig
+    from .config import GenerationConfig
 
 
 # -- token choice: shared with the server ----------------------------------------------------------
