@@ -107,7 +107,7 @@ class CpuFusedStepper(EagerStepper):
         base = self.model.model
         h = base.embed_tokens(tokens)  # (B, H)
         ck = cpu_row_kernels(h)
-        if ck is None:
+        if ck is None or cache.dtype != torch.float32:  # the kernels read and write fp32 caches only
             return super().step(tokens, cache)
         B, config = h.shape[0], base.config
         layout = cache.begin(None, 1)
