@@ -200,6 +200,8 @@ def stepper_under_test(model, monkeypatch, whole_step: bool):
         stepper = choose_stepper(model)
         assert isinstance(stepper, CpuFusedStepper) == (cpu_kernels() is not None)
         return stepper, count_kernel_calls(monkeypatch, steppers, "cpu_row_kernels", "decode_layers"), 1
+    # A path the whole-step kernel does not cover, in one layer: the forward runs layer by layer.
+    model.model.layers[-1].mlp.experts.implementation = "grouped"
     calls = count_kernel_calls(monkeypatch, model_mod, "cpu_decode_kernels", "decode_attention")
     return EagerStepper(model), calls, model.config.num_hidden_layers
 
@@ -304,3 +306,41 @@ def test_fused_decode_with_shared_position_ids():
             model(ids, past_key_values=cache)
             outs.append(model(ids[:, -1:], past_key_values=cache, position_ids=torch.tensor([[5]])).logits)
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+def test_direct_forward_decode_runs_the_whole_step_kernel(monkeypatch):
+    """A model called step by step (transformers-style loops, PEFT) takes the whole-step kernel too,
+    with the logits of the plain path."""
+    import mixtral.model as model_mod
+    from mixtral.cache import KVCache
+
+    model = odd_model(seed=8)
+    ids = torch.randint(0, 97, (2, 6))
+
+    def run():
+        cache = KVCache.for_model(model.config, 2)
+        out = [model(ids, past_key_values=cache).logits[:, -1]]
+        for _ in range(4):
+            out.append(model(out[-1].argmax(-1)[:, None], past_key_values=cache).logits[:, -1])
+        return torch.stack(out)
+
+    with reference():
+        want = run()
+    calls = count_kernel_calls(monkeypatch, model_mod, "cpu_row_kernels", "decode_layers")
+    with torch.inference_mode():
+        got = run()
+    assert len(calls) == (4 if cpu_kernels() is not None else 0)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_an_adapter_on_the_router_is_not_packed():
+    """PEFT's LoRA on the router wraps it and keeps the base weight under ``weight``: packing that
+    would silently route without the adapter, so such layers step through forward instead."""
+    peft = pytest.importorskip("peft")
+    from mixtral.packed import PackedLayers
+
+    model = odd_model(seed=9)
+    assert PackedLayers.of(model.model.layers) is not None
+    peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["gate"]))
+    assert type(model.model.layers[0].mlp.gate).__name__ != "Router"
+    assert PackedLayers.of(model.model.layers) is None

@@ -31,7 +31,7 @@ from .cache import KVCache, StepLayout
 from .config import MixtralConfig
 from .generation import GenerateDecoderOnlyOutput, GenerationConfig, generate
 from .hf_cache import is_transformers_cache, to_kv_cache, write_back
-from .kernels import cpu_decode_kernels
+from .kernels import cpu_decode_kernels, cpu_row_kernels
 from .kernels.attention import attention as layout_attention
 from .layers import (
     RMSNorm,
@@ -48,6 +48,7 @@ from .layers import (
 )
 from .moe import SparseMoeBlock, load_balancing_loss
 from .outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
+from .packed import PackedLayers, decode_all_layers
 from .pretrained import CheckpointPlan, MixtralPreTrainedModel
 
 
@@ -298,6 +299,10 @@ class MixtralModel(MixtralPreTrainedModel):
 
     def run_layers(self, h: torch.Tensor, step: Step, checkpointing: bool) -> torch.Tensor:
         record = step.record
+        if step.attention == "cpu_decode" and record is None and not self.training:
+            fused = self.decode_fused(h, step)
+            if fused is not None:
+                return fused
         if record is not None and record.hidden_states is not None:
             record.hidden_states.append(h)  # the embeddings come first, as in transformers
         for i, layer in enumerate(self.layers):
@@ -308,6 +313,20 @@ class MixtralModel(MixtralPreTrainedModel):
             if record is not None and record.hidden_states is not None:
                 record.hidden_states.append(h)
         return h
+
+
+    def decode_fused(self, h: torch.Tensor, step: Step) -> torch.Tensor | None:
+        """All layers of a one-token CPU step in one C++ call (``mixtral.packed``), or None where it
+        does not cover the step (more rows than the row kernels serve) or the layers. The same
+        numbers as the layer-by-layer path up to float rounding; the stepper generate uses packs
+        once per call, a direct call packs afresh, as its modules may have been swapped since."""
+        ck = cpu_row_kernels(h)
+        packed = PackedLayers.of(self.layers) if ck is not None else None
+        if packed is None:
+            return None
+        B = h.shape[0]
+        out = decode_all_layers(ck, packed, h.reshape(B, -1), step.cos, step.sin, step.layout, step.rows, self.config)
+        return out.view(B, 1, -1)
 
 
 def checkpointed_layer(layer: DecoderLayer, h: torch.Tensor, step: Step, plan: CheckpointPlan) -> torch.Tensor:

@@ -60,7 +60,8 @@ def generate(
     _check_supported(cfg, tokenizer)
     prompt = read_prompt(model, cfg, input_ids, inputs, attention_mask, inputs_embeds)
     run = Decoding(model, cfg, prompt, tokenizer)
-    stepper = choose_stepper(model, cfg.cache_implementation)
+    # A static cache and graph pay off only when there is a decode step to replay.
+    stepper = choose_stepper(model, cfg.cache_implementation if run.max_new > 1 else None)
     cache = KVCache.for_model(model.config, prompt.batch, capacity=prompt.context + run.max_new,
                               dtype=model.dtype, device=model.device)
     if streamer is not None:

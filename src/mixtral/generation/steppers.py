@@ -8,8 +8,9 @@
   against; inside it, per-op CPU kernels still apply where ``mixtral.kernels`` says so).
 * ``CpuFusedStepper``: every decoder layer of the step in one C++ call (``decode_layers`` in
   ``mixtral/kernels/cpu_kernels.cpp``) over the layers' tensors, packed once when the stepper is
-  made. It removes the dozens of torch ops and module calls per layer whose dispatch costs more than the
-  arithmetic at one token; the numbers are the layer-by-layer path's up to float rounding.
+  made (``mixtral.packed``). It removes the dozens of torch ops and module calls per layer whose
+  dispatch costs more than the arithmetic at one token; the numbers are the layer-by-layer path's
+  up to float rounding.
 * ``StaticStepper``: a fixed-shape cache (``mixtral.cache.StaticCache``) and the model's own layers,
   captured as a CUDA graph on a GPU (``mixtral.generation.cuda_graph``).
 
@@ -19,7 +20,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +27,8 @@ from torch import nn
 
 from ..cache import KVCache, StaticCache
 from ..kernels import cpu_kernels, cpu_row_kernels, using_reference
-from ..layers import RMSNorm, linear, rotary_cos_sin
+from ..layers import linear, rotary_cos_sin
+from ..packed import PackedLayers, decode_all_layers
 from .cuda_graph import CAPACITY_STEP, decode_step, kept_graph_decoder
 
 
@@ -45,50 +46,6 @@ class EagerStepper:
 
     def step(self, tokens: torch.Tensor, cache: Any) -> torch.Tensor:
         return self.model(input_ids=tokens[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
-
-
-@dataclass
-class PackedLayers:
-    """Every decoder layer's tensors as ``decode_layers`` takes them: per layer the input norm,
-    q|k|v, o, the post-attention norm, the router, gate_up and down, each weight as [w] (fp32),
-    [q, scale] (int8) or [q, scale, min] (int4); ``counts`` holds per layer how many tensors its
-    qkv, o, gate_up and down take; ``int8_activations`` whether quantized weights meet int8 blocks."""
-
-    tensors: list[torch.Tensor]
-    counts: list[int]
-    int8_activations: bool
-
-    @classmethod
-    def of(cls, layers: nn.ModuleList) -> PackedLayers | None:
-        """None when some layer holds what the kernel does not cover (a bias, another dtype, an
-        adapter module, mixed activation settings): then the model steps layer by layer."""
-        tensors: list[torch.Tensor] = []
-        counts: list[int] = []
-        quant: set[bool] = set()
-        for layer in layers:
-            attn, moe = layer.self_attn, layer.mlp
-            qkv, o = _weight(attn.qkv_proj), _weight(attn.o_proj)
-            experts = getattr(moe.experts, "kernel_weights", lambda: None)()
-            norms = (layer.input_layernorm, layer.post_attention_layernorm)
-            if (qkv is None or o is None or experts is None or any(type(n) is not RMSNorm for n in norms)
-                    or any(t.dtype != torch.float32 for t in (*(n.weight for n in norms), moe.gate.weight))):
-                return None
-            quant.update(a for a in (qkv[1], o[1], experts[2]) if a is not None)
-            tensors += [norms[0].weight, *qkv[0], *o[0], norms[1].weight, moe.gate.weight.contiguous(),
-                        *experts[0], *experts[1]]
-            counts += [len(qkv[0]), len(o[0]), len(experts[0]), len(experts[1])]
-        if len(quant) > 1:
-            return None
-        return cls(tensors, counts, quant.pop() if quant else False)
-
-
-def _weight(module: nn.Module) -> tuple[list[torch.Tensor], bool | None] | None:
-    """A projection's kernel tensors and int8-activation setting (None for float), or None."""
-    if type(module) is nn.Linear:
-        w = module.weight
-        return ([w], None) if module.bias is None and w.dtype == torch.float32 and w.is_contiguous() else None
-    weights = getattr(module, "kernel_weights", None)  # mixtral.quant.QuantLinear
-    return weights() if weights is not None else None
 
 
 class CpuFusedStepper(EagerStepper):
@@ -109,17 +66,11 @@ class CpuFusedStepper(EagerStepper):
         ck = cpu_row_kernels(h)
         if ck is None or cache.dtype != torch.float32:  # the kernels read and write fp32 caches only
             return super().step(tokens, cache)
-        B, config = h.shape[0], base.config
+        B = h.shape[0]
         layout = cache.begin(None, 1)
         cos, sin = (t.reshape(B, -1).contiguous()
                     for t in rotary_cos_sin(base.inv_freq, cache.row_positions[:, None], h.dtype))
-        rows, layers = cache.decode_rows(), range(config.num_hidden_layers)
-        h = ck.decode_layers(
-            h.contiguous(), cos, sin, self.packed.tensors, self.packed.counts, [rows.keys(i) for i in layers],
-            [rows.values(i) for i in layers], rows.slots, rows.lengths, layout.key_index, layout.key_valid,
-            rows.query_index, config.sliding_window or 0, config.num_attention_heads, config.rms_norm_eps,
-            config.num_experts_per_tok, self.packed.int8_activations,
-        )
+        h = decode_all_layers(ck, self.packed, h, cos, sin, layout, cache.decode_rows(), base.config)
         cache.end()
         return linear(self.model.lm_head, base.norm(h))
 

@@ -77,7 +77,8 @@ def cpu_decode_kernels(x: torch.Tensor):
 def cpu_row_kernels(x: torch.Tensor):
     """``cpu_decode_kernels`` for at most ``FEW_ROWS`` rows (x's leading dimensions): the kernels
     that read a weight matrix, which beat matrix products only while the rows are few."""
-    if x.numel() > FEW_ROWS * x.shape[-1]:
+    # The device first: on CUDA no shape is inspected, so torch.compile adds no guard on the rows.
+    if x.device.type != "cpu" or x.numel() > FEW_ROWS * x.shape[-1]:
         return None
     return cpu_decode_kernels(x)
 

@@ -1,6 +1,6 @@
 """Attention on the GPU, driven by the cache's ``StepLayout`` instead of a dense mask.
 
-``model.build_mask`` materializes a (B, 1, T, S) boolean mask: fine on the CPU, but at a 4096-token
+``mixtral.layers.build_mask`` materializes a (B, 1, T, S) boolean mask: fine on the CPU, but at a 4096-token
 prefill that is 16M entries per row and it rules out the flash kernels. Here the same rule --
 query i sees key j iff j is real, j <= i and, with a window W, i - W < j -- is either implied by
 a kernel's own arguments or evaluated inside the kernel:
@@ -93,7 +93,7 @@ def flex_attention_layout(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: StepLayout, window: int | None
 ) -> torch.Tensor:
     """FlexAttention with the layout's mask. Rows that may see nothing (padding queries) come out
-    as zeros, not NaN; their outputs are never used."""
+    as zeros, not NaN, as SDPA gives them (see ``mixtral.layers.build_mask``)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     B, T, S = q.shape[0], q.shape[2], k.shape[2]

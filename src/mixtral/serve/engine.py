@@ -163,7 +163,9 @@ class Engine:
         if max_context is not None and max_context < 2:  # one prompt token and one generated
             raise ValueError(f"max_context must be >= 2 tokens, got {max_context}")
         self.model = model.eval()
-        self.stepper = choose_stepper(self.model)  # the same decode step generate would take
+        # The same decode step generate would take. Its packed weights are the model's as of now:
+        # replace modules or parameters (quantize, load an adapter) before making the engine.
+        self.stepper = choose_stepper(self.model)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         config = model.config
